@@ -1,0 +1,3 @@
+from moiie.cli import main
+
+raise SystemExit(main())

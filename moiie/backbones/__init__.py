@@ -1,0 +1,1 @@
+"""Vision encoders and LLM backbones (registered in ``moiie.VISION_ENCODERS`` / ``moiie.LLM_BACKBONES``)."""

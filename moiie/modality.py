@@ -1,0 +1,53 @@
+"""Per-token modality ids (SPEC section 4): 0 text, 1 vision, -1 padding."""
+
+from __future__ import annotations
+
+import torch
+
+TEXT = 0
+VISION = 1
+PAD = -1
+MODALITY_NAMES = {TEXT: "text", VISION: "vision"}
+
+
+def check_modality(
+    modality: torch.Tensor, leading_shape: torch.Size | tuple[int, ...], *, name: str = "modality"
+) -> None:
+    """Raise ``ValueError`` unless ``modality`` is an integer tensor of ``leading_shape`` with values in {-1, 0, 1}."""
+    if not isinstance(modality, torch.Tensor):
+        raise TypeError(
+            f"{name} must be a torch.Tensor of ints (0 text, 1 vision, -1 padding), got {type(modality).__name__}"
+        )
+    if modality.dtype.is_floating_point or modality.dtype.is_complex or modality.dtype == torch.bool:
+        raise TypeError(
+            f"{name} must have an integer dtype (0 text, 1 vision, -1 padding), got {modality.dtype}"
+        )
+    if tuple(modality.shape) != tuple(leading_shape):
+        raise ValueError(
+            f"{name} has shape {tuple(modality.shape)} but the hidden states need {tuple(leading_shape)} "
+            "(one id per token)"
+        )
+    if modality.numel() and bool(((modality < PAD) | (modality > VISION)).any()):
+        bad = sorted(set(modality[(modality < PAD) | (modality > VISION)].tolist()))[:5]
+        raise ValueError(f"{name} holds {bad}; expected only 0 (text), 1 (vision) or -1 (padding)")
+
+
+def apply_attention_mask(modality: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Mark positions where ``attention_mask == 0`` as padding."""
+    if attention_mask is None:
+        return modality
+    if attention_mask.shape != modality.shape:
+        raise ValueError(
+            f"attention_mask has shape {tuple(attention_mask.shape)}, expected {tuple(modality.shape)} like modality"
+        )
+    return torch.where(attention_mask.bool(), modality, torch.full_like(modality, PAD))
+
+
+def official_vision_rule(is_image: torch.Tensor) -> torch.Tensor:
+    """The official code's rule (inherited from CogVLM): position i is vision only if i and i+1 are both image.
+
+    is_image: (batch, seq) bool. Returns (batch, seq) bool; the last token of each image block becomes text.
+    """
+    nxt = torch.zeros_like(is_image)
+    nxt[..., :-1] = is_image[..., 1:]
+    return is_image & nxt
