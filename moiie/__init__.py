@@ -1,6 +1,6 @@
 """moiie: modality-aware mixture-of-experts layers for vision-language models (MoIIE, arXiv 2508.09779)."""
 
-from moiie import experts, projectors, routers  # noqa: F401  (register built-in kinds)
+from moiie import backbones, experts, projectors, routers  # noqa: F401  (register built-in kinds)
 from moiie.config_base import Config, ConfigError
 from moiie.dispatch import dispatch
 from moiie.layer import DenseFFN, DenseFFNConfig, FFNConfig, MoEConfig, MoELayer, build_ffn, check_topology

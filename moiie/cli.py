@@ -1,70 +1,78 @@
-"""The `moiie` command."""
+"""The `moiie` command: train, ablate, inspect, layer-demo, schema."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
-def demo(args: argparse.Namespace) -> int:
-    """Build a tiny MoIIE layer, route a text + image + padding batch, print its routing."""
-    import torch
+def _load(cls, path: str):
+    from moiie.config_base import ConfigError
 
-    from moiie import MoEConfig, build_ffn
-    from moiie.losses import aux_losses
-    from moiie.modality import MODALITY_NAMES
+    try:
+        return cls.load(path)
+    except ConfigError as err:
+        raise SystemExit(str(err)) from None
+    except FileNotFoundError:
+        raise SystemExit(f"config file not found: {path}") from None
 
-    torch.manual_seed(args.seed)
-    config = MoEConfig(topology={"vision": 2, "shared": 2, "text": 2}, expert={"kind": "swiglu", "d_ff": 64})
-    layer = build_ffn(config, d_model=32)
-    T = 48
-    modality = torch.zeros(T, dtype=torch.long)
-    modality[8:24] = 1  # an image block inside text
-    modality[-6:] = -1  # right padding
-    x = torch.randn(T, 32)
-    x[modality == 1] += 2.0  # image features live elsewhere in the space than text
-    y, routing = layer(x, modality)
-    topo = config.topology
-    names = [f"{topo.group_of(e)[0]}{e}" for e in range(topo.num_experts)]
-    print(
-        f"MoIIE layer: topology vision={topo.vision} shared={topo.shared} text={topo.text}, "
-        f"top_k={config.router.top_k}, d_model=32, d_ff=64"
-    )
-    print(
-        f"tokens: {(modality == 0).sum().item()} text, {(modality == 1).sum().item()} vision, "
-        f"{(modality == -1).sum().item()} padding\n"
-    )
-    print(
-        "share of each modality's (token, slot) assignments per expert (v=vision-intra, s=shared, t=text-intra)"
-    )
-    print(f"{'modality':<10}" + "".join(f"{n:>8}" for n in names))
-    for m in (1, 0):
-        ids = routing.expert_ids[modality == m]
-        ids = ids[ids >= 0]
-        load = torch.bincount(ids, minlength=topo.num_experts).float() / max(1, ids.numel())
-        print(f"{MODALITY_NAMES[m]:<10}" + "".join(f"{v:>8.2f}" for v in load.tolist()))
-    print("\nfirst tokens of each kind: chosen experts and combine weights")
-    for t in (0, 8, T - 1):
-        ids = [names[i] if i >= 0 else "-" for i in routing.expert_ids[t].tolist()]
+
+def train(args: argparse.Namespace) -> int:
+    """Two-stage training from a YAML config."""
+    from moiie.train.config import TrainConfig
+    from moiie.train.loop import run_training
+
+    cfg = _load(TrainConfig, args.config)
+    out = Path(args.out or Path("runs") / Path(args.config).stem)
+    results = run_training(cfg, out, resume=args.resume, progress=not args.no_progress)
+    ev = results.get("evaluation")
+    if ev:
         print(
-            f"  token {t:>2} ({MODALITY_NAMES.get(modality[t].item(), 'padding')}): experts {ids} "
-            f"weights {[round(w, 3) for w in routing.weights[t].tolist()]}"
+            f"held-out exact match {100 * ev['accuracy']:.1f}% over {ev['n']} questions; per type: "
+            + ", ".join(f"{k} {100 * v:.1f}%" for k, v in ev["per_qtype"].items())
         )
-    losses = aux_losses([routing], config.aux_loss)
-    print(
-        "\nbalancing losses (= top_k under uniform routing): "
-        + ", ".join(f"{k} {v.item():.4f}" for k, v in losses.items())
-    )
-    print(f"output: {tuple(y.shape)}, padding rows zero: {bool((y[modality == -1] == 0).all())}")
+    print(f"results in {out.resolve()} (results.json, metrics.jsonl, routing.txt, checkpoints/, model/)")
+    return 0
+
+
+def ablate(args: argparse.Namespace) -> int:
+    """Run an ablation grid (default: the six arms of SPEC section 8 x 3 seeds on the digits task)."""
+    from moiie.ablate import GridConfig, run_grid
+    from moiie.presets import default_grid
+
+    grid = _load(GridConfig, args.grid) if args.grid else default_grid()
+    if args.workers:
+        grid = grid.model_copy(update={"workers": args.workers})
+    run_grid(grid, args.out)
+    return 0
+
+
+def inspect(args: argparse.Namespace) -> int:
+    """Routing diagnostics of a saved model: table + PNG heatmaps."""
+    from moiie.inspect import inspect_checkpoint
+
+    print(inspect_checkpoint(args.checkpoint, out=args.out, limit=args.limit))
+    return 0
+
+
+def layer_demo(args: argparse.Namespace) -> int:
+    """Build a tiny MoIIE layer, route a text + image + padding batch, print its routing."""
+    from moiie.demo import layer_demo as run
+
+    run(seed=args.seed)
     return 0
 
 
 def schema(args: argparse.Namespace) -> int:
-    """Print the JSON schema of the top-level config."""
-    from moiie.layer import MoEConfig
+    """Print the JSON schema of a top-level config (train, grid, model)."""
+    from moiie.ablate import GridConfig
+    from moiie.model import LVLMConfig
+    from moiie.train.config import TrainConfig
 
-    json.dump(MoEConfig.model_json_schema(), sys.stdout, indent=2)
+    cls = {"train": TrainConfig, "grid": GridConfig, "model": LVLMConfig}[args.which]
+    json.dump(cls.model_json_schema(), sys.stdout, indent=2)
     print()
     return 0
 
@@ -72,10 +80,27 @@ def schema(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="moiie", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help=demo.__doc__)
+    p = sub.add_parser("train", help=train.__doc__)
+    p.add_argument("config", help="training YAML (see configs/)")
+    p.add_argument("--out", help="output folder (default runs/<config name>)")
+    p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=train)
+    p = sub.add_parser("ablate", help=ablate.__doc__)
+    p.add_argument("grid", nargs="?", help="grid YAML (default: the built-in study)")
+    p.add_argument("--out", default="runs/ablation", help="output folder (default runs/ablation)")
+    p.add_argument("--workers", type=int, help="override the number of worker processes")
+    p.set_defaults(func=ablate)
+    p = sub.add_parser("inspect", help=inspect.__doc__)
+    p.add_argument("checkpoint", help="a run folder, its model/ folder, or a checkpoints/ckpt-* folder")
+    p.add_argument("--out", help="folder for the PNG heatmaps (default: <checkpoint>/inspect)")
+    p.add_argument("--limit", type=int, default=512, help="held-out samples to route (default 512)")
+    p.set_defaults(func=inspect)
+    p = sub.add_parser("layer-demo", help=layer_demo.__doc__)
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=demo)
+    p.set_defaults(func=layer_demo)
     p = sub.add_parser("schema", help=schema.__doc__)
+    p.add_argument("which", nargs="?", default="train", choices=["train", "grid", "model"])
     p.set_defaults(func=schema)
     args = parser.parse_args(argv)
     return args.func(args)

@@ -51,3 +51,26 @@ def official_vision_rule(is_image: torch.Tensor) -> torch.Tensor:
     nxt = torch.zeros_like(is_image)
     nxt[..., :-1] = is_image[..., 1:]
     return is_image & nxt
+
+
+def modality_ids(
+    image_mask: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    shape: tuple[int, ...],
+    *,
+    rule: str = "exact",
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """Per-position modality for an LVLM sequence (SPEC section 4).
+
+    image_mask: (B, L) bool, True where an image feature sits. rule "exact": those positions are
+    vision; rule "official": only image positions followed by an image position (the official
+    code's rule). Positions with attention_mask == 0 are padding. Returns (B, L) int64.
+    """
+    if rule not in ("exact", "official"):
+        raise ValueError(f"modality_rule must be 'exact' or 'official', got {rule!r}")
+    modality = torch.full(shape, TEXT, dtype=torch.long, device=device)
+    if image_mask is not None:
+        vision = image_mask.bool() if rule == "exact" else official_vision_rule(image_mask.bool())
+        modality = torch.where(vision, torch.full_like(modality, VISION), modality)
+    return apply_attention_mask(modality, attention_mask)

@@ -46,11 +46,29 @@ def run_ffn(config):
     return layer, (y * torch.randn_like(y)).sum() + aux_losses([routing], AuxLossConfig())["total"]
 
 
+def run_vision(config):
+    encoder = VISION_ENCODERS.build(config)
+    size = encoder.preprocess.image_size
+    pixels = torch.rand(2, encoder.preprocess.channels, size, size)
+    y = encoder(pixels)
+    assert y.shape == (2, encoder.n_tokens(), encoder.d_vision)
+    return encoder, (y * torch.randn_like(y)).sum()
+
+
+def run_llm(config):
+    lm = LLM_BACKBONES.build(config)
+    ids = torch.randint(0, lm.config.vocab_size, (2, 7))
+    logits = lm(input_ids=ids).logits
+    return lm, (logits * torch.randn_like(logits)).sum()
+
+
 RUNNERS = {
     ROUTERS.slot: run_router,
     EXPERTS.slot: run_experts,
     PROJECTORS.slot: run_projector,
     FFNS.slot: run_ffn,
+    VISION_ENCODERS.slot: run_vision,
+    LLM_BACKBONES.slot: run_llm,
 }
 CASES = [
     (reg, kind)

@@ -1,4 +1,4 @@
-"""Stacked expert weights and the grouped matmul the dispatch runs them with.
+"""Stacked expert weights and the grouped products the dispatch runs them with.
 
 Weights use the ``nn.Linear`` layout per expert, stacked: ``(num_experts, d_out, d_in)``, so
 upcycling copies an HF MLP's weights straight in. Rows of the input arrive sorted by expert,
@@ -8,31 +8,19 @@ upcycling copies an HF MLP's weights straight in. Rows of the input arrive sorte
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-GroupedImpl = Literal["auto", "grouped_mm", "loop"]
-
-
-def compute_dtype(t: torch.Tensor, param_dtype: torch.dtype) -> torch.dtype:
-    """The dtype matmuls should run in: the autocast dtype inside an autocast region, else the weights'."""
-    if torch.is_autocast_enabled(t.device.type):
-        return torch.get_autocast_dtype(t.device.type)
-    return param_dtype
-
-
-_GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def resolve_impl(impl: GroupedImpl, x: torch.Tensor) -> str:
-    """`auto` picks grouped_mm on CUDA; grouped_mm falls back to the loop for dtypes it lacks (float64)."""
-    if impl == "auto":
-        impl = "grouped_mm" if x.device.type == "cuda" else "loop"
-    if impl == "grouped_mm" and (not hasattr(F, "grouped_mm") or x.dtype not in _GROUPED_MM_DTYPES):
-        return "loop"
-    return impl
+from moiie.experts.grouped import (
+    Activation,
+    GroupedFFN,
+    GroupedGemm,
+    GroupedImpl,
+    GroupedLinear,
+    compute_dtype,
+    resolve_impl,
+)
 
 
 def grouped_linear(
@@ -50,17 +38,39 @@ def grouped_linear(
     split_sizes: ``counts.tolist()``. Returns (N, d_out).
     """
     dtype = compute_dtype(x, weight.dtype)
-    x, weight = x.to(dtype), weight.to(dtype)
-    if resolve_impl(impl, x) == "grouped_mm":
-        offsets = torch.cumsum(counts, 0).to(torch.int32)
-        y = F.grouped_mm(x, weight.transpose(-2, -1), offs=offsets)
-    else:
-        # unbind once: indexing weight[e] per expert would make backward allocate a full-size
-        # zero gradient for every expert.
-        y = torch.cat([F.linear(xe, we) for xe, we in zip(x.split(split_sizes), weight.unbind(0))])
-    if bias is not None:
-        y = y + bias.to(dtype).repeat_interleave(counts, dim=0, output_size=x.shape[0])
-    return y
+    with torch.autocast(x.device.type, enabled=False):
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+        gemm = GroupedGemm(resolve_impl(impl, x, *weight.shape[1:]), counts, split_sizes)
+        return GroupedLinear.apply(x, weight, bias, gemm)
+
+
+def grouped_ffn(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    counts: torch.Tensor,
+    split_sizes: list[int],
+    *,
+    activation: str,
+    gated: bool,
+    b1: torch.Tensor | None = None,
+    b2: torch.Tensor | None = None,
+    impl: GroupedImpl = "auto",
+) -> torch.Tensor:
+    """Every expert's two-layer FFN on its slice of expert-sorted rows, as one autograd node.
+
+    x: (N, d) sorted by expert; w1: (E, h, d) with h = 2 * d_ff when gated ([gate; up]), else d_ff;
+    w2: (E, d, d_ff); b1: (E, h), b2: (E, d) or None. Weights are cast to the compute dtype once per
+    call. Returns (N, d) in the compute dtype.
+    """
+    dtype = compute_dtype(x, w1.dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        x, w1, w2 = x.to(dtype), w1.to(dtype), w2.to(dtype)
+        b1 = None if b1 is None else b1.to(dtype)
+        b2 = None if b2 is None else b2.to(dtype)
+        gemm = GroupedGemm(resolve_impl(impl, x, *w1.shape[1:], *w2.shape[1:]), counts, split_sizes)
+        return GroupedFFN.apply(x, w1, w2, b1, b2, gemm, Activation(activation), gated)
 
 
 def all_experts_linear(

@@ -15,7 +15,7 @@ from moiie.experts.base import (
     GroupedImpl,
     all_experts_linear,
     all_experts_sum_linear,
-    grouped_linear,
+    grouped_ffn,
 )
 from moiie.experts.swiglu import _check_shape
 from moiie.registry import EXPERTS
@@ -68,8 +68,18 @@ class GeluMLPExperts(nn.Module):
         self.proj_bias = nn.Parameter(torch.zeros(num_experts, d_model)) if bias else None
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor, split_sizes: list[int]) -> torch.Tensor:
-        h = self.act(grouped_linear(x, self.fc, counts, split_sizes, bias=self.fc_bias, impl=self.impl))
-        return grouped_linear(h, self.proj, counts, split_sizes, bias=self.proj_bias, impl=self.impl)
+        return grouped_ffn(
+            x,
+            self.fc,
+            self.proj,
+            counts,
+            split_sizes,
+            activation=self.activation,
+            gated=False,
+            b1=self.fc_bias,
+            b2=self.proj_bias,
+            impl=self.impl,
+        )
 
     def dense(self, x: torch.Tensor) -> torch.Tensor:
         h = self.act(all_experts_linear(x, self.fc, self.fc_bias))

@@ -15,7 +15,7 @@ from moiie.experts.base import (
     GroupedImpl,
     all_experts_linear,
     all_experts_sum_linear,
-    grouped_linear,
+    grouped_ffn,
 )
 from moiie.registry import EXPERTS
 
@@ -28,7 +28,7 @@ class SwiGLUExpertConfig(Config):
     """Hidden width of each expert; None takes the backbone's FFN width (required without a backbone)."""
     impl: GroupedImpl = "auto"
     """Grouped matmul: `grouped_mm` (torch.nn.functional.grouped_mm), `loop` (one matmul per expert slice),
-    or `auto` (grouped_mm on CUDA, loop on CPU, where grouped_mm is itself a loop)."""
+    or `auto` (grouped_mm on CUDA, the loop elsewhere: on CPU grouped_mm is itself a loop, and a slower one)."""
     init_std: float = Field(0.02, gt=0.0)
     """Std of the N(0, std) init of freshly built (not upcycled) experts."""
 
@@ -48,9 +48,9 @@ class SwiGLUExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor, split_sizes: list[int]) -> torch.Tensor:
         """x: (N, d_model) sorted by expert, counts (E,) -> (N, d_model)."""
-        h = grouped_linear(x, self.gate_up, counts, split_sizes, impl=self.impl)
-        gate, up = h.chunk(2, dim=-1)
-        return grouped_linear(F.silu(gate) * up, self.down, counts, split_sizes, impl=self.impl)
+        return grouped_ffn(
+            x, self.gate_up, self.down, counts, split_sizes, activation="silu", gated=True, impl=self.impl
+        )
 
     def dense(self, x: torch.Tensor) -> torch.Tensor:
         """Sum of all experts applied to every row. x: (T, d_model) -> (T, d_model)."""

@@ -132,6 +132,15 @@ class Router(nn.Module):
         self.num_experts = topology.num_experts
         self.top_k = top_k
 
+    def activated_experts(self, modality: int) -> float:
+        """Experts one token of ``modality`` runs through (on average, for expert choice); for the ledger."""
+        return float(self.top_k)
+
+    def parameters_for(self, modality: int) -> int:
+        """Router parameters one token of ``modality`` uses (a per-modality router uses only its own)."""
+        other = {VISION: "text", TEXT: "vision"}[modality]
+        return sum(p.numel() for n, p in self.named_parameters() if n.split(".")[-1] != other)
+
 
 def jitter(x: torch.Tensor, eps: float, training: bool) -> torch.Tensor:
     if not training or eps <= 0:

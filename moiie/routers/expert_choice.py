@@ -68,6 +68,10 @@ class ExpertChoiceRouter(Router):
         self.vision = nn.Parameter(torch.empty(len(self.candidates[VISION]), d_model).normal_(0.0, init_std))
         self.text = nn.Parameter(torch.empty(len(self.candidates[TEXT]), d_model).normal_(0.0, init_std))
 
+    def activated_experts(self, modality: int) -> float:
+        """Expected experts per token: each expert takes capacity_factor * top_k * T_m / |C_m| tokens."""
+        return min(self.capacity_factor * self.top_k, float(len(self.candidates[modality])))
+
     def forward(self, x: torch.Tensor, modality: torch.Tensor) -> Routing:
         x = jitter(x, self.jitter, self.training)
         T, E = x.shape[0], self.num_experts

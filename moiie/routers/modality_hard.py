@@ -55,6 +55,9 @@ class ModalityHardRouter(Router):
         self.register_buffer("table_ids", ids, persistent=False)
         self.register_buffer("table_weights", weights, persistent=False)
 
+    def activated_experts(self, modality: int) -> float:
+        return float(len(self.topology.intra(modality)))
+
     def forward(self, x: torch.Tensor, modality: torch.Tensor) -> Routing:
         row = modality.clamp(min=0)
         real = (modality >= 0)[:, None]

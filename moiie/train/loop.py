@@ -1,0 +1,384 @@
+"""Two-stage training (SPEC section 7): projector alignment on the dense model, upcycling, then stage 2.
+
+Writes ``metrics.jsonl`` (one line per logged step), checkpoints ``ckpt-<stage>-<step>/`` (atomic),
+and ``results.json`` (held-out accuracy, losses, parameter ledger, throughput, routing diagnostics).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moiie.ledger import ledger_of
+from moiie.model import MoIIEForCausalLM
+from moiie.processor import LVLMProcessor
+from moiie.train import checkpoint as ckpt
+from moiie.train.config import StageConfig, TrainConfig
+from moiie.train.data import BatchOrder, collate, encode_examples, load_task
+from moiie.train.evaluate import evaluate_generation, routing_diagnostics
+
+
+class NonFiniteError(RuntimeError):
+    """A NaN or Inf appeared in the loss or a gradient."""
+
+
+def set_trainable(model: MoIIEForCausalLM, mode: str) -> int:
+    """Freeze everything, then unfreeze per ``mode``; returns the number of trainable parameters."""
+    from moiie.backbones.llm import FFNAdapter
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    parts = [model.projector]
+    if mode == "all_but_vision":
+        parts.append(model.llm)
+    elif mode == "experts_only":
+        parts += [m for m in model.llm.modules() if isinstance(m, FFNAdapter)]
+    for part in parts:
+        for p in part.parameters():
+            p.requires_grad_(True)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def warmup_cosine(steps: int, warmup_ratio: float, min_ratio: float):
+    warmup = max(1, round(steps * warmup_ratio)) if warmup_ratio > 0 else 0
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, steps - warmup)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+class MetricsLog:
+    """Append-only JSONL; on resume, lines past the resumed position are dropped."""
+
+    def __init__(self, path: Path, resume_at: tuple[int, int] | None):
+        self.path = path
+        keep = []
+        if resume_at is not None and path.exists():
+            for line in path.read_text().splitlines():
+                row = json.loads(line)
+                if (row["stage"], row["step"]) <= resume_at:
+                    keep.append(line)
+        path.write_text("".join(k + "\n" for k in keep))
+        self.file = open(path, "a")  # noqa: SIM115  (held open for the whole run, closed by close())
+
+    def write(self, row: dict[str, Any]) -> None:
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), None))
+
+
+def _first_nonfinite_grad(model: torch.nn.Module) -> str | None:
+    for name, p in model.named_parameters():
+        if p.grad is not None and not torch.isfinite(p.grad).all():
+            return name
+    return None
+
+
+def train_stage(
+    model,
+    cfg: TrainConfig,
+    stage_cfg: StageConfig,
+    *,
+    stage: int,
+    samples: list[dict],
+    processor: LVLMProcessor,
+    out_dir: Path,
+    metrics: MetricsLog,
+    resume_state: dict | None,
+    progress: bool,
+    on_eval=None,
+) -> dict[str, float]:
+    """Train one stage; returns the last logged figures."""
+    from tqdm.auto import tqdm
+
+    n_trainable = set_trainable(model, stage_cfg.trainable)
+    params = [p for p in model.parameters() if p.requires_grad]
+    o = stage_cfg.optim
+    opt = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, warmup_cosine(stage_cfg.steps, o.warmup_ratio, o.min_lr_ratio)
+    )
+    order = BatchOrder(len(samples), stage_cfg.batch_size, seed=cfg.seed * 1009 + stage)
+    start = 0
+    if resume_state is not None:
+        opt.load_state_dict(resume_state["optimizer"])
+        sched.load_state_dict(resume_state["scheduler"])
+        order.load_state_dict(resume_state["order"])
+        _set_rng_state(resume_state["rng"])
+        start = resume_state["step"]
+    if cfg.gradient_checkpointing:
+        model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    device = next(model.parameters()).device
+    bar = tqdm(
+        total=stage_cfg.steps,
+        initial=start,
+        desc=f"stage {stage}",
+        disable=not progress,
+        leave=False,
+        dynamic_ncols=True,
+    )
+    last: dict[str, float] = {}
+    tokens, t_window = 0, time.perf_counter()
+    for step in range(start, stage_cfg.steps):
+        figures: dict[str, float] = {}
+        bad = None
+        for _ in range(stage_cfg.grad_accum):
+            batch = collate(processor, samples, order.next())
+            tokens += int(batch["attention_mask"].sum())
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                out = model(**batch)
+            if not torch.isfinite(out.loss):
+                bad = (
+                    f"loss is {out.loss.item()} (lm {out.lm_loss.item():.4g}, aux {out.aux_loss.item():.4g})"
+                )
+                break
+            (out.loss / stage_cfg.grad_accum).backward()
+            for k, v in {"loss": out.loss, "lm_loss": out.lm_loss, **out.aux_losses}.items():
+                figures[k] = figures.get(k, 0.0) + v.item() / stage_cfg.grad_accum
+        if bad is None and (name := _first_nonfinite_grad(model)) is not None:
+            bad = f"gradient of {name} is not finite"
+        if bad is not None:
+            opt.zero_grad(set_to_none=True)
+            msg = f"stage {stage} step {step}: {bad}"
+            metrics.write({"stage": stage, "step": step + 1, "nonfinite": msg})
+            if cfg.nonfinite == "stop":
+                bar.close()
+                raise NonFiniteError(
+                    msg + " (the last good checkpoint is kept; set nonfinite: skip to skip such steps)"
+                )
+            sched.step()  # the skipped step's batch is consumed and its schedule slot passes
+            bar.update(1)
+            continue
+        grad_norm = None
+        if o.grad_clip is not None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, o.grad_clip).item()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        bar.update(1)
+        done = step + 1
+        if done % cfg.log_every == 0 or done == stage_cfg.steps:
+            elapsed = time.perf_counter() - t_window
+            figures.update(
+                lr=sched.get_last_lr()[0], tokens_per_s=tokens / max(elapsed, 1e-9), trainable=n_trainable
+            )
+            if grad_norm is not None:
+                figures["grad_norm"] = grad_norm
+            metrics.write({"stage": stage, "step": done, **figures})
+            tokens, t_window = 0, time.perf_counter()
+            last = figures
+            bar.set_postfix(
+                {
+                    k: f"{figures[k]:.3g}"
+                    for k in ("loss", "balance/vision", "balance/text", "tokens_per_s")
+                    if k in figures
+                }
+            )
+        if on_eval is not None and cfg.eval_every and done % cfg.eval_every == 0 and done < stage_cfg.steps:
+            metrics.write({"stage": stage, "step": done, **on_eval()})
+        if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == stage_cfg.steps:
+            state = {
+                "stage": stage,
+                "step": done,
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "order": order.state_dict(),
+                "rng": _rng_state(),
+            }
+            ckpt.write_checkpoint(out_dir / "checkpoints", stage, done, model, state)
+    bar.close()
+    if cfg.gradient_checkpointing:
+        model.llm.gradient_checkpointing_disable()
+    return last
+
+
+def _start(cfg: TrainConfig, out_dir: str | os.PathLike):
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    (out_dir / "config.yaml").write_text(cfg.to_yaml())
+    return (out_dir, *load_task(cfg.data, cfg.tokenizer))
+
+
+def _check_vocab(model: MoIIEForCausalLM, tokenizer) -> None:
+    if len(tokenizer) > model.vocab_size:
+        raise ValueError(
+            f"model.llm: vocab_size {model.vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens"
+        )
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def run_stage1(cfg: TrainConfig, out_dir: str | os.PathLike, *, progress: bool = False) -> dict[str, Any]:
+    """Stage 1 only: train the projector of the dense model; writes model/ and stage1.json (last)."""
+    out_dir, train_x, _, tokenizer = _start(cfg, out_dir)
+    model = MoIIEForCausalLM.from_config(cfg.model.model_copy(update={"moe_layers": "none"}))
+    _check_vocab(model, tokenizer)
+    processor = LVLMProcessor(tokenizer, model.vision.preprocess, model.n_image_tokens)
+    samples = encode_examples(train_x, tokenizer, processor)
+    metrics = MetricsLog(out_dir / "metrics.jsonl", None)
+    try:
+        last = train_stage(
+            model,
+            cfg,
+            cfg.stage1,
+            stage=1,
+            samples=samples,
+            processor=processor,
+            out_dir=out_dir,
+            metrics=metrics,
+            resume_state=None,
+            progress=progress,
+        )
+    finally:
+        metrics.close()
+    model.save_pretrained(out_dir / "model")
+    result = {"final": last}
+    _write_json(out_dir / "stage1.json", result)
+    return result
+
+
+def run_training(
+    cfg: TrainConfig,
+    out_dir: str | os.PathLike,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    stage1_from: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """Run both stages (or stage 2 from a finished stage-1 model folder); returns and writes results.json."""
+    out_dir, train_x, held_x, tokenizer = _start(cfg, out_dir)
+
+    latest = ckpt.latest_checkpoint(out_dir / "checkpoints") if resume else None
+    resume_state = None
+    if latest is not None:
+        model = MoIIEForCausalLM.from_pretrained(latest)
+        resume_state = ckpt.read_state(latest)
+    elif stage1_from is not None:
+        model = MoIIEForCausalLM.from_pretrained(stage1_from)
+    else:
+        model = MoIIEForCausalLM.from_config(cfg.model.model_copy(update={"moe_layers": "none"}))
+    _check_vocab(model, tokenizer)
+    processor = LVLMProcessor(tokenizer, model.vision.preprocess, model.n_image_tokens)
+    samples = encode_examples(train_x, tokenizer, processor)
+    held_samples = encode_examples(held_x, tokenizer, processor)
+    metrics = MetricsLog(
+        out_dir / "metrics.jsonl", (resume_state["stage"], resume_state["step"]) if resume_state else None
+    )
+    t0 = time.perf_counter()
+    try:
+        at_stage = resume_state["stage"] if resume_state else (2 if stage1_from is not None else 1)
+        if at_stage == 1:
+            train_stage(
+                model,
+                cfg,
+                cfg.stage1,
+                stage=1,
+                samples=samples,
+                processor=processor,
+                out_dir=out_dir,
+                metrics=metrics,
+                resume_state=resume_state,
+                progress=progress,
+            )
+            resume_state = None
+        if not model.moe_layer_indices and cfg.model.moe_layers != "none":
+            model.upcycle(cfg.model.ffn, cfg.model.moe_layers)
+        if (
+            resume_state is not None
+            and resume_state["stage"] == 2
+            and resume_state["step"] >= cfg.stage2.steps
+        ):
+            last = {}
+        else:
+
+            def on_eval():
+                r = evaluate_generation(
+                    model,
+                    held_x,
+                    tokenizer,
+                    processor,
+                    batch_size=cfg.eval_batch_size,
+                    max_new_tokens=cfg.max_new_tokens,
+                )
+                return {"eval_accuracy": r["accuracy"], **{f"eval/{k}": v for k, v in r["per_qtype"].items()}}
+
+            last = train_stage(
+                model,
+                cfg,
+                cfg.stage2,
+                stage=2,
+                samples=samples,
+                processor=processor,
+                out_dir=out_dir,
+                metrics=metrics,
+                resume_state=resume_state if resume_state and resume_state["stage"] == 2 else None,
+                progress=progress,
+                on_eval=on_eval if held_x else None,
+            )
+        train_seconds = time.perf_counter() - t0
+        evaluation = (
+            evaluate_generation(
+                model,
+                held_x,
+                tokenizer,
+                processor,
+                batch_size=cfg.eval_batch_size,
+                max_new_tokens=cfg.max_new_tokens,
+            )
+            if held_x
+            else None
+        )
+        topology = getattr(cfg.model.ffn, "topology", None)
+        stats = routing_diagnostics(model, held_samples[:512], processor, topology)
+        ledger = ledger_of(model)
+        results = {
+            "evaluation": evaluation,
+            "final": last,
+            "params": {
+                "total": ledger.total,
+                "activated_text": ledger.activated["text"],
+                "activated_vision": ledger.activated["vision"],
+            },
+            "train_seconds": train_seconds,
+            "routing": stats.summary() if stats else None,
+            "collapsed": bool(stats.collapsed(getattr(cfg.model.ffn.router, "top_k", 1))) if stats else False,
+        }
+        if stats is not None:
+            (out_dir / "routing.txt").write_text(stats.table() + "\n")
+    finally:
+        metrics.close()
+    model.save_pretrained(out_dir / "model")
+    _write_json(out_dir / "results.json", results)
+    return results
