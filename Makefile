@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m moiie demo
+	$(PY) -m moiie ablate --out runs/ablation
 
 test: $(STAMP)
 	$(PY) -m ruff check .

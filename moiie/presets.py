@@ -123,7 +123,7 @@ def paper_phi3_siglip(arm_name: str = "moiie") -> LVLMConfig:
     )
 
 
-def digits_train_config(arm_name: str = "moiie", *, stage1_steps: int = 150, stage2_steps: int = 1200):
+def digits_train_config(arm_name: str = "moiie", *, stage1_steps: int = 100, stage2_steps: int = 1200):
     """The two-stage recipe on the digits task with the tiny LVLM (see CALIBRATION: ~1,500 steps learn it)."""
     from moiie.data.tokenizer import digits_tokenizer
     from moiie.train.config import DigitsDataConfig, OptimConfig, StageConfig, TrainConfig
@@ -138,10 +138,12 @@ def digits_train_config(arm_name: str = "moiie", *, stage1_steps: int = 150, sta
             trainable="projector",
             optim=OptimConfig(lr=5e-3, warmup_ratio=0.03),
         ),
+        # the tiny patch-MLP tower is not pretrained: a frozen random tower would cap what any arm can
+        # learn, so stage 2 trains it too (SPEC section 7 freezes a *pretrained* tower; see `trainable`)
         stage2=StageConfig(
             steps=stage2_steps,
             batch_size=64,
-            trainable="all_but_vision",
+            trainable="all",
             optim=OptimConfig(lr=5e-3, warmup_ratio=0.03),
         ),
         checkpoint_every=500,

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 MODALITIES = ("text", "vision")
+ROUTER_GROUPS = ("vision", "text", "joint")
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -69,12 +70,12 @@ def write_report(grid, out: Path, failures: dict[str, str]) -> dict[str, Any]:
                 [r["evaluation"]["per_qtype"].get(q, math.nan) for r in runs if r.get("evaluation")]
             )[0]
         row["lm_loss"] = _mean_std([r["final"].get("lm_loss", math.nan) for r in runs if r.get("final")])[0]
-        for mod in MODALITIES:
-            row[f"balance_{mod}"] = _mean_std(
+        for group in ROUTER_GROUPS:
+            row[f"balance_{group}"] = _mean_std(
                 [
-                    r["final"][f"balance/{mod}"]
+                    r["final"][f"balance/{group}"]
                     for r in runs
-                    if r.get("final") and f"balance/{mod}" in r["final"]
+                    if r.get("final") and f"balance/{group}" in r["final"]
                 ]
             )[0]
         params = runs[0]["params"] if runs else {}
@@ -131,8 +132,7 @@ def _markdown(rows: list[dict], qtypes: list[str], grid, failures: dict[str, str
         "held-out acc % (mean ± std)",
         *[f"{q} %" for q in qtypes],
         "LM loss",
-        "bal. vision",
-        "bal. text",
+        "balance loss vision / text / joint",
         "params total",
         "activated text / vision",
         "tokens/s",
@@ -146,8 +146,7 @@ def _markdown(rows: list[dict], qtypes: list[str], grid, failures: dict[str, str
             acc,
             *[_pct(r[f"acc_{q}"]) for q in qtypes],
             _num(r["lm_loss"], 3),
-            _num(r["balance_vision"], 3),
-            _num(r["balance_text"], 3),
+            " / ".join(_num(r[f"balance_{g}"], 2) for g in ROUTER_GROUPS),
             _int(r["params_total"]),
             f"{_int(r['activated_text'])} / {_int(r['activated_vision'])}" + (" (!)" if r["flag"] else ""),
             _num(r["tokens_per_s"], 0),

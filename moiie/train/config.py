@@ -42,9 +42,10 @@ class StageConfig(Config):
     """Micro-batches per optimizer step."""
     optim: OptimConfig = OptimConfig()
     """Optimizer and schedule."""
-    trainable: Literal["projector", "all_but_vision", "experts_only"] = "all_but_vision"
+    trainable: Literal["projector", "all_but_vision", "experts_only", "all"] = "all_but_vision"
     """Which parameters train: the projector (stage 1); everything but the vision encoder (stage 2);
-    or the FFN slots (experts, routers) plus the projector (the stage-2 variant)."""
+    the FFN slots (experts, routers) plus the projector (the stage-2 variant); or everything, vision
+    encoder included (for towers trained from scratch, which a frozen random tower would cripple)."""
 
 
 class DigitsDataConfig(Config):

@@ -36,8 +36,10 @@ def set_trainable(model: MoIIEForCausalLM, mode: str) -> int:
     for p in model.parameters():
         p.requires_grad_(False)
     parts = [model.projector]
-    if mode == "all_but_vision":
+    if mode in ("all_but_vision", "all"):
         parts.append(model.llm)
+    if mode == "all":
+        parts.append(model.vision)
     elif mode == "experts_only":
         parts += [m for m in model.llm.modules() if isinstance(m, FFNAdapter)]
     for part in parts:
