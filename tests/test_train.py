@@ -193,3 +193,12 @@ def test_stage_config_rules():
         TrainConfig.parse(
             {**base.model_dump(), "stage1": StageConfig(trainable="all_but_vision").model_dump()}
         )
+
+
+def test_shipped_configs_load_and_match_the_presets():
+    from moiie.ablate import GridConfig
+    from moiie.presets import default_grid
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    assert TrainConfig.load(root / "digits_moiie.yaml") == digits_train_config("moiie")
+    assert GridConfig.load(root / "ablation.yaml") == default_grid()

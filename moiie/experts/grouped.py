@@ -70,7 +70,11 @@ class GroupedGemm:
         """(expert, first row, end row) of every non-empty expert."""
 
     def linear(
-        self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, out: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        w: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """out[rows of e] = x[rows of e] @ w[e].T (+ bias[e]). x: (N, d_in), w: (E, d_out, d_in) -> (N, d_out)."""
         if self.impl == "grouped_mm":
