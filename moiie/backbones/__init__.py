@@ -4,7 +4,7 @@ Heavy libraries (open_clip, transformers, onnx) are imported only when a kind th
 validated or built, so ``import moiie`` stays fast.
 """
 
-from moiie.backbones import llm, vision_dinov2_offline, vision_hf, vision_open_clip, vision_patch_mlp  # noqa: F401
+from moiie.backbones import llm, smollm2, vision_dinov2_offline, vision_hf, vision_open_clip, vision_patch_mlp  # noqa: F401
 from moiie.backbones.vision import ImagePreprocess, VisionEncoder
 from moiie.backbones.vision_dinov2_offline import (
     Dinov2OfflineVisionConfig,

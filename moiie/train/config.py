@@ -73,9 +73,9 @@ class LlavaDataConfig(Config):
 
 
 class TokenizerConfig(Config):
-    """Which tokenizer: the task's own offline tokenizer, or an HF tokenizer folder."""
+    """Which tokenizer: the task's own offline tokenizer, an HF tokenizer folder, or SmolLM2's (+ `<image>`)."""
 
-    kind: Literal["task", "hf"] = "task"
+    kind: Literal["task", "hf", "smollm2"] = "task"
     path: str | None = None
     """For `hf`: a local tokenizer folder (must know `<image>` as one token or get it added)."""
 

@@ -47,6 +47,10 @@ def _tokenizer(config) -> Any:
         from moiie.data.tokenizer import digits_tokenizer
 
         return digits_tokenizer()
+    if config.kind == "smollm2":
+        from moiie.backbones.smollm2 import smollm2_tokenizer
+
+        return smollm2_tokenizer()
     from transformers import AutoTokenizer
 
     if config.path is None:
@@ -58,11 +62,17 @@ def _tokenizer(config) -> Any:
 
 
 def _digits_example(sample) -> Example:
+    from PIL import Image
+
+    from moiie.data.digits import to_uint8
+
     conv = [
         {"from": template.HUMAN, "value": sample.question},
         {"from": template.GPT, "value": sample.answer},
     ]
-    return Example(conversations=conv, images=[sample.image], answer=sample.answer, qtype=sample.qtype)
+    # an 8-bit grayscale image, as a file on disk would be: every encoder's preprocess takes it (RGB ones convert)
+    image = Image.fromarray(to_uint8(sample.image))
+    return Example(conversations=conv, images=[image], answer=sample.answer, qtype=sample.qtype)
 
 
 def _llava_example(sample) -> Example:
