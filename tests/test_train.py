@@ -46,6 +46,8 @@ def test_run_writes_everything(tmp_path):
     stage2 = [r for r in rows if r["stage"] == 2]
     assert [r["step"] for r in stage2] == list(range(1, 9))
     assert {"loss", "lm_loss", "balance/vision", "balance/text", "tokens_per_s", "lr"} <= set(stage2[0])
+    # routing diagnostics are logged during training, per MoE layer (1 and 3) and modality
+    assert {"route/1/mi_bits", "route/3/vision/shared", "route/1/text/entropy", "route/3/text/max_load"} <= set(stage2[0])
     assert all("balance/vision" not in r for r in rows if r["stage"] == 1)  # stage 1 is dense
     assert (tmp_path / "routing.txt").read_text().count("MI(expert; modality)") == 2
     assert [p.name for p in ckpt.list_checkpoints(tmp_path / "checkpoints")] == [
@@ -202,3 +204,11 @@ def test_shipped_configs_load_and_match_the_presets():
     root = Path(__file__).resolve().parents[1] / "configs"
     assert TrainConfig.load(root / "digits_moiie.yaml") == digits_train_config("moiie")
     assert GridConfig.load(root / "ablation.yaml") == default_grid()
+
+
+def test_bf16_and_gradient_checkpointing_train(tmp_path):
+    cfg = tiny(s1=2, s2=3, bf16=True, gradient_checkpointing=True)
+    results = run_training(cfg, tmp_path, progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["loss"] == r["loss"] and r["loss"] < 20 for r in rows)
+    assert results["routing"] is not None and len(results["routing"]) == 2

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from moiie.diagnostics import RoutingStats
 from moiie.ledger import ledger_of
 from moiie.model import MoIIEForCausalLM
 from moiie.processor import LVLMProcessor
@@ -96,6 +97,32 @@ def _first_nonfinite_grad(model: torch.nn.Module) -> str | None:
         if p.grad is not None and not torch.isfinite(p.grad).all():
             return name
     return None
+
+
+def routing_figures(model, routings) -> dict[str, float]:
+    """Compact routing diagnostics of one batch for the metrics log: per MoE layer and modality, the share
+    of traffic to shared experts, the busiest expert's share and the routing entropy; per layer the
+    mutual information between expert choice and modality."""
+    topology = getattr(model.moiie_config.ffn, "topology", None)
+    if topology is None or not routings or all(r is None for r in routings):
+        return {}
+    stats = RoutingStats(topology, len(routings))
+    stats.update(routings)
+    out: dict[str, float] = {}
+    for layer in stats.summary():
+        i = model.moe_layer_indices[layer["layer"]]
+        out[f"route/{i}/mi_bits"] = round(layer["mutual_information_bits"], 4)
+        for mod in ("text", "vision"):
+            d = layer[mod]
+            if not d["tokens"]:
+                continue
+            out[f"route/{i}/{mod}/shared"] = round(d["shared_share"], 4)
+            out[f"route/{i}/{mod}/max_load"] = round(max(d["load"]), 4)
+            if d["entropy"] is not None:
+                out[f"route/{i}/{mod}/entropy"] = round(d["entropy"], 4)
+            if d["dropped"]:
+                out[f"route/{i}/{mod}/dropped"] = d["dropped"]
+    return out
 
 
 def train_stage(
@@ -190,7 +217,7 @@ def train_stage(
             )
             if grad_norm is not None:
                 figures["grad_norm"] = grad_norm
-            metrics.write({"stage": stage, "step": done, **figures})
+            metrics.write({"stage": stage, "step": done, **figures, **routing_figures(model, out.routings)})
             tokens, t_window = 0, time.perf_counter()
             last = figures
             bar.set_postfix(
