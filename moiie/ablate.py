@@ -3,7 +3,8 @@
 Per seed, stage 1 (projector alignment on the dense model) runs once and every arm upcycles from
 that same stage-1 model, so all arms start from the same function. Runs execute in worker
 processes (single-threaded each by default); a finished run's ``results.json`` is written
-atomically and rerunning skips it; a failing run is reported and the rest go on.
+atomically and rerunning skips it; an unfinished run resumes from its last checkpoint; a failing
+run is reported and the rest go on. Workers die with the runner (Linux), even when it is killed.
 """
 
 from __future__ import annotations
@@ -11,10 +12,13 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+import re
+import signal
+import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -23,6 +27,8 @@ from moiie.layer import FFNConfig
 from moiie.presets import DEFAULT_ARMS, arm
 from moiie.report import write_report
 from moiie.train.config import TrainConfig
+
+_ARM_NAME = re.compile(r"[A-Za-z0-9_+-][A-Za-z0-9_.+-]*")
 
 
 def _default_arms() -> dict[str, Any]:
@@ -37,11 +43,13 @@ class GridConfig(Config):
     """The training run every arm shares (its model.ffn is replaced by each arm's)."""
     arms: dict[str, FFNConfig] = Field(default_factory=_default_arms)
     """Arm name -> FFN-slot config (dense, or moe with a router/topology)."""
-    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    seeds: list[Annotated[int, Field(ge=0, lt=2**31)]] = Field(
+        default_factory=lambda: [0, 1, 2], min_length=1
+    )
     """Seeds; each (arm, seed) is one run."""
     workers: int = Field(2, ge=1, le=64)
     """Worker processes running in parallel."""
-    threads_per_worker: int = Field(1, ge=1)
+    threads_per_worker: int = Field(1, ge=1, le=4096)
     """torch threads per worker (on 2 cores, two single-threaded workers beat one two-threaded run)."""
     reference_arms: list[str] = Field(default_factory=lambda: ["dense", "vanilla_moe"])
     """Arms every other arm is compared against in the significance notes."""
@@ -50,6 +58,11 @@ class GridConfig(Config):
     def _check(self) -> GridConfig:
         if not self.arms:
             raise ValueError("arms: at least one arm is needed")
+        bad = [name for name in self.arms if not _ARM_NAME.fullmatch(name)]
+        if bad:
+            raise ValueError(
+                f"arms: names {bad} cannot name run folders; use letters, digits, '_', '-', '+' and '.'"
+            )
         return self
 
     def run_config(self, arm_name: str, seed: int) -> TrainConfig:
@@ -110,7 +123,9 @@ def run_grid(grid: GridConfig, out_dir: str | os.PathLike, *, log=print) -> dict
     failures = {}
     t0 = time.perf_counter()
     ctx = mp.get_context("spawn")
-    with ctx.Pool(grid.workers, initializer=_init_worker, initargs=(grid.threads_per_worker,)) as pool:
+    with ctx.Pool(
+        grid.workers, initializer=_init_worker, initargs=(grid.threads_per_worker, os.getpid())
+    ) as pool:
         for phase in (stage1_jobs, arm_jobs):
             ready = []
             for job in phase:
@@ -130,11 +145,28 @@ def run_grid(grid: GridConfig, out_dir: str | os.PathLike, *, log=print) -> dict
     return summary
 
 
-def _init_worker(threads: int) -> None:
+def _init_worker(threads: int, runner: int) -> None:
     import torch
 
+    _die_with(runner)
     torch.set_num_threads(threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _die_with(runner: int) -> None:
+    """On Linux, have the kernel kill this worker when the runner dies, even by SIGKILL: an orphaned
+    worker would otherwise go on writing into a run folder that a rerun is also writing into."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != runner:  # the runner died before the request took effect
+        os._exit(1)
 
 
 def load_results(out: Path, grid: GridConfig) -> dict[str, list[dict]]:

@@ -126,6 +126,9 @@ class MoELayer(nn.Module):
         self.capacity_factor = capacity_factor
 
     def forward(self, x: torch.Tensor, modality: torch.Tensor) -> tuple[torch.Tensor, Routing]:
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+            raise TypeError(f"x must be a floating-point torch.Tensor of hidden states, got {got}")
         if x.dim() < 1 or x.shape[-1] != self.experts.d_model:
             raise ValueError(f"x must have shape (..., {self.experts.d_model}), got {tuple(x.shape)}")
         check_modality(modality, x.shape[:-1])
@@ -144,18 +147,27 @@ class MoELayer(nn.Module):
 
 @FFNS.register("dense", DenseFFNConfig, example=lambda: DenseFFNConfig(expert=SwiGLUExpertConfig(d_ff=16)))
 def build_dense_ffn(config: DenseFFNConfig, *, d_model: int, d_ff: int | None = None) -> DenseFFN:
-    return DenseFFN(ffn=EXPERTS.build(config.expert, num_experts=1, d_model=d_model, d_ff=d_ff))
+    return DenseFFN(ffn=_build_experts(config.expert, num_experts=1, d_model=d_model, d_ff=d_ff))
+
+
+def _build_experts(config: Config, **sizes: int | None) -> nn.Module:
+    try:
+        return EXPERTS.build(config, **sizes)
+    except (RuntimeError, OverflowError, TypeError) as err:  # torch's errors for sizes it cannot allocate
+        raise ValueError(
+            f"expert: cannot build {config.kind} experts with {sizes} (expert.d_ff {getattr(config, 'd_ff', None)}): {err}"
+        ) from err
 
 
 @FFNS.register("moe", MoEConfig, example=lambda: MoEConfig(expert=SwiGLUExpertConfig(d_ff=16)))
 def build_moe_layer(config: MoEConfig, *, d_model: int, d_ff: int | None = None) -> MoELayer:
     router = ROUTERS.build(config.router, d_model=d_model, topology=config.topology)
-    experts = EXPERTS.build(
+    experts = _build_experts(
         config.expert, num_experts=config.topology.num_experts, d_model=d_model, d_ff=d_ff
     )
     always_on = None
     if config.always_on:
-        always_on = EXPERTS.build(config.expert, num_experts=config.always_on, d_model=d_model, d_ff=d_ff)
+        always_on = _build_experts(config.expert, num_experts=config.always_on, d_model=d_model, d_ff=d_ff)
     return MoELayer(
         router=router, experts=experts, always_on=always_on, capacity_factor=config.capacity_factor
     )

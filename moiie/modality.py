@@ -27,8 +27,9 @@ def check_modality(
             f"{name} has shape {tuple(modality.shape)} but the hidden states need {tuple(leading_shape)} "
             "(one id per token)"
         )
-    if modality.numel() and bool(((modality < PAD) | (modality > VISION)).any()):
-        bad = sorted(set(modality[(modality < PAD) | (modality > VISION)].tolist()))[:5]
+    wide = modality.long()  # unsigned dtypes cannot hold -1; compare as int64
+    if modality.numel() and bool(((wide < PAD) | (wide > VISION)).any()):
+        bad = sorted(set(wide[(wide < PAD) | (wide > VISION)].tolist()))[:5]
         raise ValueError(f"{name} holds {bad}; expected only 0 (text), 1 (vision) or -1 (padding)")
 
 

@@ -24,6 +24,7 @@ from transformers.utils import ModelOutput
 
 import moiie.backbones  # noqa: F401  (registers the vision encoder and LLM backbone kinds)
 from moiie.backbones.llm import LayerChoice, RoutingContext, inject_ffns
+from moiie.batch_checks import check_lvlm_batch, check_tensor, is_integer
 from moiie.config_base import Config
 from moiie.layer import FFNConfig, MoEConfig
 from moiie.losses import AuxLossConfig, aux_losses
@@ -154,8 +155,13 @@ class MoIIEForCausalLM(nn.Module):
         if n_slots != n_images * self.n_image_tokens:
             raise ValueError(
                 f"image_mask marks {n_slots} positions but {n_images} image(s) x {self.n_image_tokens} tokens "
-                f"= {n_images * self.n_image_tokens} are needed (one placeholder per image?)"
+                f"= {n_images * self.n_image_tokens} are needed for the images in pixel_values "
+                "(one placeholder per image?)"
             )
+        try:
+            self.vision.check_pixels(pixel_values)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"pixel_values: {err}") from None
         feats = self.projector(self.vision(pixel_values.to(self._vision_dtype())))
         return embeds.masked_scatter(image_mask.bool()[..., None], feats.to(embeds.dtype))
 
@@ -177,6 +183,13 @@ class MoIIEForCausalLM(nn.Module):
     ) -> LVLMOutput:
         """input_ids (B, L); attention_mask (B, L) 1 = real; pixel_values (N_img, C, H, W);
         image_mask (B, L) bool; labels (B, L) with -100 where no loss is taken."""
+        check_lvlm_batch(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            pixel_values=pixel_values,
+            image_mask=image_mask,
+            position_ids=position_ids,
+        )
         current_mask = attention_mask
         if attention_mask is not None:
             # with a KV cache the mask also covers the cached positions; the last L belong to input_ids
@@ -306,19 +319,21 @@ class MoIIEForCausalLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, config: LVLMConfig | None = None) -> MoIIEForCausalLM:
-        """Rebuild from ``folder``; ``config`` overrides the saved one and must match the weights."""
-        from safetensors import safe_open
-        from safetensors.torch import load_file
+        """Rebuild from ``folder``; ``config`` overrides the saved one and must match the weights.
+
+        Weights are read only from safetensors (no code runs while loading); a folder holding only
+        pickled weights (``pytorch_model.bin``) is refused.
+        """
+        from moiie.safe_load import load_safetensors, safetensors_metadata
 
         folder = Path(folder)
         for name in (CONFIG_NAME, WEIGHTS_NAME):
             if not (folder / name).is_file():
                 raise FileNotFoundError(f"{folder}: no {name} (not a moiie checkpoint folder)")
         config = config if config is not None else LVLMConfig.load(folder / CONFIG_NAME)
+        tied = json.loads(safetensors_metadata(folder / WEIGHTS_NAME).get("tied", "{}"))
+        state = load_safetensors(folder / WEIGHTS_NAME)
         model = cls.from_config(reload_config(config))
-        with safe_open(str(folder / WEIGHTS_NAME), framework="pt") as f:
-            tied = json.loads((f.metadata() or {}).get("tied", "{}"))
-        state = load_file(str(folder / WEIGHTS_NAME))
         for alias, source in tied.items():
             state[alias] = state[source]
         expected = model.state_dict()
@@ -347,11 +362,23 @@ class MoIIEForCausalLM(nn.Module):
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross entropy over positions whose label is not -100 (0 when there are none)."""
+    check_tensor("labels", labels, "(batch, seq) token ids, -100 where no loss is taken")
+    if not is_integer(labels):
+        raise TypeError(
+            f"labels must hold integer token ids (-100 where no loss is taken), got {labels.dtype}"
+        )
     if labels.shape != logits.shape[:-1]:
         raise ValueError(
             f"labels has shape {tuple(labels.shape)}, expected {tuple(logits.shape[:-1])} like input_ids"
         )
-    target = labels[:, 1:]
+    vocab = logits.shape[-1]
+    outside = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= vocab))
+    if bool(outside.any()):
+        raise ValueError(
+            f"labels holds {sorted(set(labels[outside].tolist()))[:5]}, outside the vocabulary 0..{vocab - 1} "
+            f"(use {IGNORE_INDEX} where no loss is taken)"
+        )
+    target = labels[:, 1:].long()
     logit = logits[:, :-1].float()
     total = F.cross_entropy(
         logit.reshape(-1, logit.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"

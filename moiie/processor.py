@@ -7,12 +7,49 @@ by default, the official code's rule as an option) and from the attention mask.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
+import numpy as np
 import torch
 
+from moiie.batch_checks import is_integer
+
 IGNORE_INDEX = -100
+
+
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+def _short(value: Any, item: type | tuple[type, ...] | None = None) -> str:
+    """A short description of ``value``; with ``item``, also the type of its first element that is not one."""
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        return f"{type(value).__name__} of dtype {value.dtype} and shape {tuple(value.shape)}"
+    if item is not None and isinstance(value, (list, tuple)):
+        bad = [type(v).__name__ for v in value if not isinstance(v, item)]
+        if bad:
+            return f"a {type(value).__name__} holding {bad[0]}"
+    return type(value).__name__
+
+
+def token_list(value: Any, what: str) -> list[int]:
+    """``value`` (a list of ints, or a 1-D integer tensor or array) as a list of Python ints."""
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        integer = value.dtype.kind in "iu" if isinstance(value, np.ndarray) else is_integer(value)
+        if value.ndim != 1 or not integer:
+            raise TypeError(f"{what} must be a 1-D integer tensor or a list of ints, got {_short(value)}")
+        return value.tolist()
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"{what} must be a list of int token ids, got {_short(value)}")
+    if not all(type(t) is int for t in value):
+        bad = [t for t in value if not isinstance(t, numbers.Integral) or isinstance(t, bool)]
+        if bad:
+            raise TypeError(f"{what} must hold int token ids, found {bad[0]!r} ({type(bad[0]).__name__})")
+        value = [int(t) for t in value]
+    if value and (min(value) < _INT64[0] or max(value) > _INT64[1]):
+        raise ValueError(f"{what} holds ids outside the int64 range")
+    return list(value)
 
 
 class LVLMProcessor:
@@ -66,6 +103,9 @@ class LVLMProcessor:
         self, ids: Sequence[int], labels: Sequence[int] | None, n_images: int, *, where: str = "sample"
     ):
         """Expand each placeholder id into n_image_tokens positions. Returns (ids, labels, image_mask) lists."""
+        ids = token_list(ids, f"{where}: input_ids")
+        if labels is not None:
+            labels = token_list(labels, f"{where}: labels")
         n_placeholders = sum(1 for t in ids if t == self.image_token_id)
         if n_placeholders != n_images:
             raise ValueError(
@@ -98,13 +138,31 @@ class LVLMProcessor:
         labels, and pixel_values (N_images, C, H, W) in sample order when there are images.
         """
         side = padding_side or self.padding_side
+        if side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
+        if not isinstance(samples, Sequence) or isinstance(samples, (str, bytes)):
+            raise TypeError(f"samples must be a list of dicts, got {type(samples).__name__}")
         rows, images, pixels = [], [], []
         for i, s in enumerate(samples):
+            if not isinstance(s, dict) or "input_ids" not in s:
+                raise TypeError(f"sample {i}: expected a dict with `input_ids`, got {_short(s)}")
             if s.get("pixel_values") is not None:  # already preprocessed: (n_images, C, H, W)
-                pixels.append(s["pixel_values"])
-                n_images = s["pixel_values"].shape[0]
+                pv = s["pixel_values"]
+                if not isinstance(pv, torch.Tensor) or pv.dim() != 4 or not pv.is_floating_point():
+                    raise ValueError(
+                        f"sample {i}: pixel_values must be a float (n_images, C, H, W) tensor, got {_short(pv)}"
+                    )
+                if pixels and pv.shape[1:] != pixels[0].shape[1:]:
+                    raise ValueError(
+                        f"sample {i}: pixel_values has images of shape {tuple(pv.shape[1:])}, "
+                        f"earlier samples {tuple(pixels[0].shape[1:])}"
+                    )
+                pixels.append(pv)
+                n_images = pv.shape[0]
             else:
-                imgs = list(s.get("images") or [])
+                imgs = s.get("images") or []
+                if not isinstance(imgs, (list, tuple)):
+                    raise TypeError(f"sample {i}: images must be a list of images, got {_short(imgs)}")
                 images += imgs
                 n_images = len(imgs)
             ids, labels, mask = self.expand(s["input_ids"], s.get("labels"), n_images, where=f"sample {i}")
@@ -149,8 +207,14 @@ class LVLMProcessor:
         """Tokenize texts with placeholders; ``images[i]`` are sample i's images, in placeholder order."""
         if isinstance(texts, str):
             texts = [texts]
+        if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
+            raise TypeError(f"texts must be a str or a list of str, got {_short(texts, str)}")
         if images is None:
             images = [[] for _ in texts]
+        if not isinstance(images, (list, tuple)) or not all(isinstance(i, (list, tuple)) for i in images):
+            raise TypeError(
+                f"images must be a list holding one list of images per text, got {_short(images, (list, tuple))}"
+            )
         if len(images) != len(texts):
             raise ValueError(f"images: got image lists for {len(images)} samples but {len(texts)} texts")
         samples = [{"input_ids": self.encode(t), "images": list(imgs)} for t, imgs in zip(texts, images)]

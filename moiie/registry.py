@@ -122,7 +122,7 @@ class Registry(Generic[C]):
                 {"slot": self.slot, "got": type(data).__name__},
             )
         kind = data.get("kind")
-        if kind not in self._entries:
+        if not isinstance(kind, str) or kind not in self._entries:
             raise PydanticCustomError(
                 "moiie_unknown_kind",
                 "unknown {slot} kind {kind}; registered kinds: {names}",

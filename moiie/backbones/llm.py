@@ -69,6 +69,19 @@ class FFNAdapter(nn.Module):
         return y
 
 
+# sizes of an inline HF config; larger values are typos that would exhaust memory or never finish building
+_SIZE_LIMITS = {
+    "num_hidden_layers": 1024,
+    "hidden_size": 2**17,
+    "intermediate_size": 2**20,
+    "vocab_size": 2**22,
+    "num_attention_heads": 4096,
+    "num_key_value_heads": 4096,
+    "head_dim": 2**14,
+    "max_position_embeddings": 2**24,
+}
+
+
 class HFCausalLMConfig(Config):
     """Any HF causal LM, from a local folder or an inline config (random init)."""
 
@@ -79,7 +92,7 @@ class HFCausalLMConfig(Config):
     """Inline HF config (must include `model_type`), randomly initialised; exclusive with `path`."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Parameter dtype of the LM."""
-    num_hidden_layers: int | None = Field(None, ge=1)
+    num_hidden_layers: int | None = Field(None, ge=1, le=1024)
     """Keep only the first N decoder layers (truncated copies for fast experiments)."""
 
     @model_validator(mode="after")
@@ -92,6 +105,10 @@ class HFCausalLMConfig(Config):
             raise ValueError(
                 "config.model_type: an inline HF config needs `model_type` (e.g. llama, qwen2, phi3)"
             )
+        for key, top in _SIZE_LIMITS.items():
+            value = (self.config or {}).get(key)
+            if value is not None and (type(value) is not int or not 1 <= value <= top):
+                raise ValueError(f"config.{key}: expected an int in 1..{top}, got {value!r}")
         return self
 
     def hf_config(self):
@@ -124,15 +141,19 @@ class HFCausalLMConfig(Config):
 def build_hf_causal_lm(config: HFCausalLMConfig) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
+    from moiie.safe_load import refusing_pickled_code
+
     dtype = getattr(torch, config.dtype)
-    hf_config = config.hf_config()
     if config.path is not None:
-        model = AutoModelForCausalLM.from_pretrained(
-            config.path, config=hf_config, local_files_only=True, dtype=dtype
-        )
-    else:
-        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
-    return model
+        with refusing_pickled_code(f"llm.path {config.path!r}"):
+            return AutoModelForCausalLM.from_pretrained(
+                config.path, config=config.hf_config(), local_files_only=True, dtype=dtype
+            )
+    try:
+        hf_config = config.hf_config()
+        return AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    except Exception as err:  # HF and torch reject bad sizes with errors of their own types
+        raise ValueError(f"llm.config: transformers cannot build this inline config: {err}") from err
 
 
 LLM_BACKBONES.register(

@@ -24,6 +24,7 @@ from pydantic import Field, field_validator
 from moiie.backbones.vision_hf import HFVisionEncoder, hf_vision_encoder
 from moiie.config_base import Config
 from moiie.registry import VISION_ENCODERS
+from moiie.safe_load import refusing_pickled_code
 
 if TYPE_CHECKING:
     from transformers import Dinov2Config, Dinov2Model
@@ -195,9 +196,10 @@ def load_dinov2_small(cache_dir: Path | None = None) -> Dinov2Model:
     from transformers import Dinov2Model
 
     folder = converted_dinov2_small(cache_dir)
-    model, info = Dinov2Model.from_pretrained(
-        str(folder), local_files_only=True, dtype=torch.float32, output_loading_info=True
-    )
+    with refusing_pickled_code(f"cached DINOv2 model {str(folder)!r}"):
+        model, info = Dinov2Model.from_pretrained(
+            str(folder), local_files_only=True, dtype=torch.float32, output_loading_info=True
+        )
     if info["missing_keys"] or info["unexpected_keys"] or info.get("mismatched_keys"):
         raise ValueError(f"cached model in {folder} is incomplete ({info}); delete the folder to reconvert")
     return model

@@ -31,6 +31,7 @@ from moiie.backbones.vision import (
 )
 from moiie.config_base import Config
 from moiie.registry import VISION_ENCODERS
+from moiie.safe_load import refusing_pickled_code
 
 HFFamily = Literal["clip", "siglip", "dinov2"]
 
@@ -185,7 +186,8 @@ def _load_tower(config: HFVisionConfig) -> tuple[str, nn.Module]:
         if config.model_type is not None and config.model_type != family:
             raise ValueError(f"model_type {config.model_type!r} does not match {folder}'s {family!r}")
         model_class = getattr(transformers, _FAMILIES[family].model_class)
-        tower = model_class.from_pretrained(str(folder), local_files_only=True, dtype=torch.float32)
+        with refusing_pickled_code(f"vision.path {str(folder)!r}"):
+            tower = model_class.from_pretrained(str(folder), local_files_only=True, dtype=torch.float32)
         return family, tower
     family = config.model_type
     spec = _FAMILIES[family]

@@ -150,15 +150,12 @@ class OpenClipVisionEncoder(VisionEncoder):
 
 def load_open_clip_visual_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """The visual tower's entries of an open_clip checkpoint (whole-model or visual-only)."""
+    from moiie.safe_load import load_tensors
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"open_clip checkpoint {str(path)!r} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_tensors(path)
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

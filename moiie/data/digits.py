@@ -76,18 +76,18 @@ class DigitsVQAConfig(Config):
     """Questions about scikit-learn's handwritten digits, split by image."""
 
     kind: Literal["digits_vqa"] = "digits_vqa"
-    split_seed: int = 0
+    split_seed: int = Field(0, ge=0)
     """Seed of the image permutation that picks the held-out images; keep it fixed to compare runs."""
     n_eval_images: int = Field(360, ge=1, le=N_IMAGES - 1)
     """Held-out images; the other images are for training (1,437 with the default)."""
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     """Seed of the question sampling (question types per image, the N in questions)."""
     question_types: list[QuestionType] = Field(default_factory=lambda: ["digit", "parity", "plus", "greater"])
     """Question types to ask, each asked equally often (see the module docstring)."""
-    samples_per_image_train: int = Field(4, ge=1)
+    samples_per_image_train: int = Field(4, ge=1, le=1000)
     """Questions per training image; types are dealt round-robin, so with as many as there are
     types every image gets each type once."""
-    samples_per_image_eval: int = Field(4, ge=1)
+    samples_per_image_eval: int = Field(4, ge=1, le=1000)
     """Questions per held-out image, dealt like the training ones."""
 
     @model_validator(mode="after")

@@ -2,7 +2,8 @@
 
 A folder counts as a checkpoint only if its name is ``ckpt-<stage>-<step>`` and it holds the
 ``COMPLETE`` marker, which is written last; a crash at any moment leaves at most a temp folder,
-which is never mistaken for a checkpoint and is cleaned up by the next write.
+which is never mistaken for a checkpoint and is cleaned up by the next write. Old checkpoints are
+renamed to a temp name before they are deleted, so a crash mid-delete leaves no partial checkpoint.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from moiie.safe_load import load_trainer_state
 
 MARKER = "COMPLETE"
 STATE_NAME = "trainer_state.pt"
@@ -32,19 +35,30 @@ def write_checkpoint(root: Path, stage: int, step: int, model, state: dict[str, 
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-ckpt-"))
     model.save_pretrained(tmp)
-    torch.save(state, tmp / STATE_NAME)
+    with open(tmp / STATE_NAME, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
     with open(tmp / MARKER, "w") as f:
         f.write("ok\n")
         f.flush()
         os.fsync(f.fileno())
     final = root / checkpoint_name(stage, step)
     if final.exists():
-        shutil.rmtree(final)
+        _discard(final)
     os.rename(tmp, final)
     _fsync_dir(root)
     for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        _discard(old)
     return final
+
+
+def _discard(folder: Path) -> None:
+    """Delete a checkpoint: first renamed out of the checkpoint names (atomic), then removed."""
+    trash = folder.with_name(f".tmp-ckpt-old-{folder.name}")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.rename(folder, trash)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -62,12 +76,7 @@ def latest_checkpoint(root: Path) -> Path | None:
 
 def read_state(folder: Path) -> dict[str, Any]:
     """The trainer state, loaded without executing code (``weights_only=True``)."""
-    try:
-        return torch.load(folder / STATE_NAME, weights_only=True, map_location="cpu")
-    except Exception as err:  # a pickled payload with code is refused here
-        raise ValueError(
-            f"{folder / STATE_NAME}: refused to load (only tensors and plain data are allowed): {err}"
-        ) from err
+    return load_trainer_state(folder / STATE_NAME)
 
 
 def stage_step(folder: Path) -> tuple[int, int]:

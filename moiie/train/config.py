@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from moiie.config_base import Config
+from moiie.config_base import Config, ConfigError
 from moiie.model import LVLMConfig
+
+_Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
+MAX_BATCH = 2**16
+"""Upper bound of batch sizes and micro-batch counts: larger values are typos that would exhaust memory."""
 
 
 class OptimConfig(Config):
@@ -18,8 +22,8 @@ class OptimConfig(Config):
     """Peak learning rate."""
     weight_decay: float = Field(0.0, ge=0.0)
     """Decoupled weight decay (paper: 0)."""
-    betas: tuple[float, float] = (0.9, 0.999)
-    """AdamW betas."""
+    betas: tuple[_Beta, _Beta] = (0.9, 0.999)
+    """AdamW betas, each in [0, 1)."""
     eps: float = Field(1e-8, gt=0.0)
     """AdamW epsilon."""
     warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
@@ -36,9 +40,9 @@ class StageConfig(Config):
     kind: Literal["stage"] = "stage"
     steps: int = Field(100, ge=0)
     """Optimizer steps (0 skips the stage)."""
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=1, le=MAX_BATCH)
     """Samples per micro-batch."""
-    grad_accum: int = Field(1, ge=1)
+    grad_accum: int = Field(1, ge=1, le=MAX_BATCH)
     """Micro-batches per optimizer step."""
     optim: OptimConfig = OptimConfig()
     """Optimizer and schedule."""
@@ -56,6 +60,17 @@ class DigitsDataConfig(Config):
     """Fields of moiie.data.digits.DigitsVQAConfig (seed, question types, samples per image...)."""
     eval_limit: int | None = Field(None, ge=1)
     """Evaluate on the first N held-out samples only (None: all)."""
+
+    @field_validator("task")
+    @classmethod
+    def _valid_task(cls, task: dict[str, Any]) -> dict[str, Any]:
+        from moiie.data.digits import DigitsVQAConfig
+
+        try:
+            DigitsVQAConfig.parse(task)
+        except ConfigError as err:  # re-anchored under data.task by ConfigError
+            raise ValueError("\n".join(f"{path}: {msg}" for path, msg in err.errors)) from None
+        return task
 
 
 class LlavaDataConfig(Config):
@@ -98,15 +113,15 @@ class TrainConfig(Config):
     """Run forward/backward under bfloat16 autocast."""
     gradient_checkpointing: bool = False
     """Recompute decoder layers in backward to save memory."""
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**31)
     """Seeds model init, data order and sampling."""
-    threads: int | None = Field(None, ge=1)
+    threads: int | None = Field(None, ge=1, le=4096)
     """torch intra-op threads (None: torch's default)."""
     eval_every: int = Field(0, ge=0)
     """Evaluate by generation every N stage-2 steps (0: only at the end)."""
-    eval_batch_size: int = Field(128, ge=1)
+    eval_batch_size: int = Field(128, ge=1, le=MAX_BATCH)
     """Samples per generation batch."""
-    max_new_tokens: int = Field(4, ge=1)
+    max_new_tokens: int = Field(4, ge=1, le=MAX_BATCH)
     """Generation budget per answer."""
     checkpoint_every: int = Field(500, ge=0)
     """Write a checkpoint every N optimizer steps (0: only at stage ends)."""

@@ -24,6 +24,7 @@ from moiie.train import checkpoint as ckpt
 from moiie.train.config import StageConfig, TrainConfig
 from moiie.train.data import BatchOrder, collate, encode_examples, load_task
 from moiie.train.evaluate import evaluate_generation, routing_diagnostics
+from moiie.train.faults import locate_nonfinite
 
 
 class NonFiniteError(RuntimeError):
@@ -62,17 +63,21 @@ def warmup_cosine(steps: int, warmup_ratio: float, min_ratio: float):
 
 
 class MetricsLog:
-    """Append-only JSONL; on resume, lines past the resumed position are dropped."""
+    """Append-only JSONL; on resume, lines past the resumed position are dropped.
+
+    The trimmed file replaces the old one atomically, and a last line cut short by a crash is
+    dropped, so a crash at any moment loses at most the lines after the last checkpoint.
+    """
 
     def __init__(self, path: Path, resume_at: tuple[int, int] | None):
         self.path = path
         keep = []
         if resume_at is not None and path.exists():
-            for line in path.read_text().splitlines():
+            for line in path.read_text().split("\n")[:-1]:  # the part after the last newline is unfinished
                 row = json.loads(line)
                 if (row["stage"], row["step"]) <= resume_at:
                     keep.append(line)
-        path.write_text("".join(k + "\n" for k in keep))
+        _write_text(path, "".join(k + "\n" for k in keep))
         self.file = open(path, "a")  # noqa: SIM115  (held open for the whole run, closed by close())
 
     def write(self, row: dict[str, Any]) -> None:
@@ -92,11 +97,8 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((3, tuple(state["python"]), None))
 
 
-def _first_nonfinite_grad(model: torch.nn.Module) -> str | None:
-    for name, p in model.named_parameters():
-        if p.grad is not None and not torch.isfinite(p.grad).all():
-            return name
-    return None
+def _nonfinite_grads(model: torch.nn.Module) -> list[str]:
+    return [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
 
 
 def routing_figures(model, routings) -> dict[str, float]:
@@ -161,6 +163,10 @@ def train_stage(
         model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     device = next(model.parameters()).device
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
+
     bar = tqdm(
         total=stage_cfg.steps,
         initial=start,
@@ -174,11 +180,13 @@ def train_stage(
     for step in range(start, stage_cfg.steps):
         figures: dict[str, float] = {}
         bad = None
+        step_batches = []
         for _ in range(stage_cfg.grad_accum):
             batch = collate(processor, samples, order.next())
             tokens += int(batch["attention_mask"].sum())
             batch = {k: v.to(device) for k, v in batch.items()}
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            step_batches.append(batch)
+            with autocast():
                 out = model(**batch)
             if not torch.isfinite(out.loss):
                 bad = (
@@ -188,11 +196,20 @@ def train_stage(
             (out.loss / stage_cfg.grad_accum).backward()
             for k, v in {"loss": out.loss, "lm_loss": out.lm_loss, **out.aux_losses}.items():
                 figures[k] = figures.get(k, 0.0) + v.item() / stage_cfg.grad_accum
-        if bad is None and (name := _first_nonfinite_grad(model)) is not None:
-            bad = f"gradient of {name} is not finite"
+        in_backward = False
+        if bad is None and (names := _nonfinite_grads(model)):
+            bad, in_backward = f"gradients of {len(names)} parameter tensors are not finite", True
         if bad is not None:
             opt.zero_grad(set_to_none=True)
-            msg = f"stage {stage} step {step}: {bad}"
+            out = None  # frees the failed step's graph before the replay
+            where = locate_nonfinite(
+                model,
+                step_batches,
+                backward=in_backward,
+                autocast=autocast,
+                grad_accum=stage_cfg.grad_accum,
+            )
+            msg = f"stage {stage} step {step}: {bad}; {where}"
             metrics.write({"stage": stage, "step": step + 1, "nonfinite": msg})
             if cfg.nonfinite == "stop":
                 bar.close()
@@ -263,10 +280,14 @@ def _check_vocab(model: MoIIEForCausalLM, tokenizer) -> None:
         )
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
+def _write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    _write_text(path, json.dumps(data, indent=2))
 
 
 def run_stage1(cfg: TrainConfig, out_dir: str | os.PathLike, *, progress: bool = False) -> dict[str, Any]:
