@@ -170,7 +170,7 @@ def plot_load(load, path, *, title: str = "", names: list[str] | None = None) ->
         im = ax.imshow(load[:, mod, :], vmin=0, vmax=1, cmap="viridis", aspect="auto")
         ax.set_title(f"{name} tokens")
         ax.set_xticks(range(E), names)
-        ax.set_yticks(range(n_layers), [f"MoE {i}" for i in range(n_layers)])
+        ax.set_yticks(range(n_layers), [f"MoE {i}" if mod == MODALITIES[0][0] else "" for i in range(n_layers)])
         for li in range(n_layers):
             for e in range(E):
                 ax.text(
@@ -184,6 +184,6 @@ def plot_load(load, path, *, title: str = "", names: list[str] | None = None) ->
                 )
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="share of assignments")
     if title:
-        fig.suptitle(title)
+        fig.suptitle(title, y=1.02 + 0.08 / max(1, n_layers))
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)

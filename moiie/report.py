@@ -110,7 +110,7 @@ def write_report(grid, out: Path, failures: dict[str, str]) -> dict[str, Any]:
     markdown = _markdown(rows, qtypes, grid, failures)
     (out / "summary.md").write_text(markdown + "\n")
     _loss_curves(out, results)
-    _heatmaps(out, results)
+    _heatmaps(out, results, grid)
     return {"rows": rows, "markdown": markdown, "failures": failures}
 
 
@@ -210,7 +210,7 @@ def _loss_curves(out: Path, results: dict[str, list[dict]]) -> None:
     plt.close(fig)
 
 
-def _heatmaps(out: Path, results: dict[str, list[dict]]) -> None:
+def _heatmaps(out: Path, results: dict[str, list[dict]], grid) -> None:
     from moiie.diagnostics import plot_load
 
     (out / "heatmaps").mkdir(exist_ok=True)
@@ -219,8 +219,11 @@ def _heatmaps(out: Path, results: dict[str, list[dict]]) -> None:
         if not routed:
             continue
         load = np.mean([[[layer[m]["load"] for m in MODALITIES] for layer in rt] for rt in routed], axis=0)
+        topology = getattr(grid.arms.get(name), "topology", None)
+        names = [f"{topology.group_of(e)[0]}{e}" for e in range(topology.num_experts)] if topology else None
         plot_load(
             load,
             out / "heatmaps" / f"{name}.png",
             title=f"{name}: expert load share (mean over {len(routed)} seeds)",
+            names=names,
         )
