@@ -22,17 +22,17 @@ class PatchMLPVisionConfig(Config):
     """Patches (plus one whole-image token) -> MLP -> + position embedding."""
 
     kind: Literal["patch_mlp"] = "patch_mlp"
-    image_size: int = Field(8, ge=1)
+    image_size: int = Field(8, ge=1, le=4096)
     """Side of the (square) input image in pixels; the encoder takes only this size."""
-    patch_size: int = Field(4, ge=1)
+    patch_size: int = Field(4, ge=1, le=4096)
     """Side of each non-overlapping patch; must divide image_size."""
     channels: Literal[1, 3] = 1
     """Colour channels of the input (1 for grayscale, 3 for RGB)."""
     global_token: bool = True
     """Add one token computed from the whole image, placed before the patch tokens."""
-    hidden: int = Field(64, ge=1)
+    hidden: int = Field(64, ge=1, le=65536)
     """Hidden width of the MLPs."""
-    d_vision: int = Field(64, ge=1)
+    d_vision: int = Field(64, ge=1, le=65536)
     """Width of the output features."""
     max_value: float = Field(16.0, gt=0)
     """Raw pixel value of white in numpy arrays and tensors (16 for scikit-learn's digits)."""
