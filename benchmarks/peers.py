@@ -93,16 +93,17 @@ class Method:
 
 
 def build_limit(w: Weights, shape: Shape, dtype: torch.dtype) -> Method:
-    """Expert 0's SwiGLU as one dense FFN, plain F.linear, over k*T rows."""
+    """Expert 0's SwiGLU as one dense FFN over k*T rows: three plain F.linear (the fastest plain form
+    here; one fused gate_up matmul plus slicing or chunking costs 2-4% more in backward)."""
     f = shape.d_ff
-    gate_up = nn.Parameter(w.gate_up[0].to(dtype).clone())
+    gate = nn.Parameter(w.gate_up[0, :f].to(dtype).clone())
+    up = nn.Parameter(w.gate_up[0, f:].to(dtype).clone())
     down = nn.Parameter(w.down[0].to(dtype).clone())
 
     def forward(x: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
-        h = F.linear(x, gate_up)
-        return F.linear(F.silu(h[:, :f]) * h[:, f:], down)
+        return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
 
-    return Method("limit", forward, [gate_up, down], tokens=shape.top_k)
+    return Method("limit", forward, [gate, up, down], tokens=shape.top_k)
 
 
 # --- moiie -------------------------------------------------------------------------------------

@@ -64,17 +64,26 @@ def main() -> None:
     flops = {n: 6 * ledger_of(setups[n][0]).activated["text"] for n in setups}
     base_f = flops.get("dense")
     rows = []
-    print(f"tiny LVLM train step, batch {args.batch}, {args.threads} thread(s), median of {args.repeats} interleaved")
-    print(f"{'arm':<16}{'ms/step':>9}{'MFLOP/token':>13}{'time/dense':>12}{'FLOPs/dense':>13}{'overhead':>10}")
+    print(
+        f"tiny LVLM train step, batch {args.batch}, {args.threads} thread(s), median of {args.repeats} interleaved"
+    )
+    print(
+        f"{'arm':<16}{'ms/step':>9}{'MFLOP/token':>13}{'time/dense':>12}{'FLOPs/dense':>13}{'overhead':>10}"
+    )
     for name in setups:
         t = statistics.median(times[name])
         row = {"arm": name, "ms_per_step": 1000 * t, "mflop_per_token": flops[name] / 1e6}
         if base_t:
-            row.update(time_ratio=t / base_t, flop_ratio=flops[name] / base_f,
-                       overhead=(t / base_t) / (flops[name] / base_f))
+            row.update(
+                time_ratio=t / base_t,
+                flop_ratio=flops[name] / base_f,
+                overhead=(t / base_t) / (flops[name] / base_f),
+            )
         rows.append(row)
-        print(f"{name:<16}{1000 * t:>9.1f}{flops[name] / 1e6:>13.2f}{row.get('time_ratio', 0):>12.2f}"
-              f"{row.get('flop_ratio', 0):>13.2f}{row.get('overhead', 0):>10.2f}")
+        print(
+            f"{name:<16}{1000 * t:>9.1f}{flops[name] / 1e6:>13.2f}{row.get('time_ratio', 0):>12.2f}"
+            f"{row.get('flop_ratio', 0):>13.2f}{row.get('overhead', 0):>10.2f}"
+        )
     print(json.dumps({"train_step": rows}))
 
 

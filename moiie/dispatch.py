@@ -3,6 +3,11 @@
 Every group of a MoIIE layer lives in one global id space, so a single dispatch serves vision and
 text tokens together (no per-modality passes, no per-expert boolean masks).
 
+Shapes are static: all ``T * S`` (token, slot) pairs are sorted, empty slots last, and the experts
+leave those trailing rows at zero without computing them. So the dispatch has no data-dependent
+shape, ``torch.compile`` traces it whole, and its only host synchronisation is the optional
+``counts.tolist()`` handed to experts that want it (skipped under ``torch.compile``).
+
 The gather and the combine are autograd nodes of their own. The combine sums each token's weighted
 expert outputs in one fused kernel (``embedding_bag`` with per-row weights) instead of materialising
 the weighted rows and scatter-adding them into zeros; its backward gathers the output gradient once
@@ -22,43 +27,32 @@ from moiie.routers.base import Routing
 
 @dataclass
 class SortedSlots:
-    """Where every routed (token, slot) pair sits once sorted by expert.
+    """The (token, slot) pairs of one routing, sorted by expert (empty slots last).
 
-    order: (N,) flat slot ids ``t * S + j`` in expert order (N = routed slots); token: (N,) their tokens;
-    bag_rows / bag_offsets: for every token in order, the sorted rows of its routed slots, in the
-    ``input`` / ``offsets`` form ``F.embedding_bag`` takes; bag_slots: the flat slot ids of bag_rows
-    (None when every slot is routed: then they are simply 0 .. T*S-1).
+    order: (T*S,) flat slot ids ``t * S + j`` in sorted order; token: (T*S,) their tokens;
+    rank: (T, S) the sorted row of each slot (the inverse permutation of ``order``).
     """
 
     order: torch.Tensor
     token: torch.Tensor
-    bag_rows: torch.Tensor
-    bag_offsets: torch.Tensor
-    bag_slots: torch.Tensor | None
+    rank: torch.Tensor
 
     @classmethod
-    def build(cls, key: torch.Tensor, n_routed: int, num_slots: int) -> SortedSlots:
-        """key: (T*S,) expert id per flat slot, empty slots holding a value above every expert."""
-        order = torch.argsort(key, stable=True)
-        # rank[i]: the sorted row of flat slot i; routed slots come first, so they get ranks < n_routed
-        rank = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-        order = order[:n_routed]
-        token = torch.div(order, num_slots, rounding_mode="floor")
-        if n_routed == key.numel():
-            offsets = torch.arange(0, n_routed, num_slots, device=key.device)
-            return cls(order, token, rank, offsets, None)
-        routed = rank < n_routed
-        per_token = routed.view(-1, num_slots).sum(1)
-        bag_slots = routed.nonzero().squeeze(1)
-        return cls(order, token, rank[bag_slots], torch.cumsum(per_token, 0) - per_token, bag_slots)
+    def sort(cls, key: torch.Tensor) -> SortedSlots:
+        """key: (T, S) expert id of each slot, empty slots holding a value above every expert."""
+        T, S = key.shape
+        order = torch.argsort(key.reshape(-1), stable=True)
+        positions = torch.arange(T * S, device=key.device)
+        rank = torch.empty_like(order).scatter_(0, order, positions).view(T, S)
+        return cls(order, torch.div(order, S, rounding_mode="floor"), rank)
 
-    def bag_sum(self, rows: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-        """out[t] = sum over t's routed slots of (weight *) rows[sorted row]. rows: (N, d) -> (T, d)."""
-        return F.embedding_bag(self.bag_rows, rows, self.bag_offsets, mode="sum", per_sample_weights=weights)
+    def token_sum(self, rows: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """out[t] = sum_j (weights[t, j] *) rows[rank[t, j]]. rows: (T*S, d) -> (T, d)."""
+        return F.embedding_bag(self.rank, rows, mode="sum", per_sample_weights=weights)
 
 
 class _Gather(torch.autograd.Function):
-    """x_sorted = x[token]; backward sums each token's rows."""
+    """x_sorted[i] = x[token[i]]; backward sums each token's rows."""
 
     @staticmethod
     def forward(ctx, x, slots: SortedSlots):
@@ -67,20 +61,17 @@ class _Gather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_sorted):
-        return ctx.slots.bag_sum(d_sorted.contiguous()), None
+        return ctx.slots.token_sum(d_sorted.contiguous()), None
 
 
 class _Combine(torch.autograd.Function):
-    """out[t] = sum over t's routed slots j of weights[t, j] * y[row of (t, j)]."""
+    """out[t] = sum_j weights[t, j] * y[rank[t, j]]."""
 
     @staticmethod
     def forward(ctx, y, weights, slots: SortedSlots):
-        w = weights.reshape(-1)
-        if slots.bag_slots is not None:
-            w = w.index_select(0, slots.bag_slots)
         ctx.slots = slots
         ctx.save_for_backward(y, weights)
-        return slots.bag_sum(y, w.to(y.dtype))
+        return slots.token_sum(y, weights.to(y.dtype))
 
     @staticmethod
     def backward(ctx, d_out):
@@ -89,9 +80,8 @@ class _Combine(torch.autograd.Function):
         d_rows = d_out.index_select(0, slots.token)
         d_weights = None
         if ctx.needs_input_grad[1]:
-            d_sorted_w = torch.linalg.vecdot(d_rows, y).to(weights.dtype)
-            d_weights = torch.zeros_like(weights).view(-1).index_copy_(0, slots.order, d_sorted_w)
-            d_weights = d_weights.view_as(weights)
+            d_sorted = torch.linalg.vecdot(d_rows, y)
+            d_weights = d_sorted.index_select(0, slots.rank.reshape(-1)).view_as(weights).to(weights.dtype)
         w_sorted = weights.reshape(-1).index_select(0, slots.order).to(d_rows.dtype)
         return d_rows.mul_(w_sorted[:, None]), d_weights, None
 
@@ -101,13 +91,17 @@ def dispatch(x: torch.Tensor, routing: Routing, experts: nn.Module) -> torch.Ten
 
     x: (T, d). routing.expert_ids / weights: (T, S). Returns (T, d) in x's dtype; tokens with no
     slot (padding, fully dropped) get zeros.
+
+    ``experts(x_sorted, counts, split_sizes)`` gets all T*S rows sorted by expert, ``counts[e]`` rows
+    for expert e and the empty slots' rows last (their outputs must be zero), and
+    ``split_sizes = counts.tolist()`` (None under torch.compile).
     """
-    T, S = routing.expert_ids.shape
     E = routing.num_experts
-    flat = routing.expert_ids.reshape(-1)
-    key = torch.where(flat >= 0, flat, E)  # empty slots sort last, into bin E
-    counts = torch.bincount(key, minlength=E + 1)
-    split_sizes = counts.tolist()  # the only host sync: expert slice sizes
-    slots = SortedSlots.build(key, T * S - split_sizes[E], S)
-    y = experts(_Gather.apply(x, slots), counts[:E], split_sizes[:E])
+    ids = routing.expert_ids
+    key = torch.where(ids >= 0, ids, E)  # empty slots sort last, into bin E
+    counts = torch.zeros(E + 1, dtype=torch.long, device=ids.device)
+    counts = counts.index_add_(0, key.reshape(-1), torch.ones_like(key.reshape(-1)))[:E]
+    split_sizes = None if torch.compiler.is_compiling() else counts.tolist()
+    slots = SortedSlots.sort(key)
+    y = experts(_Gather.apply(x, slots), counts, split_sizes)
     return _Combine.apply(y, routing.weights, slots).to(x.dtype)

@@ -383,8 +383,11 @@ def test_checkpoint_from_parallel_ranks_reloads_in_one_process(request, workdir,
     ref = ref_model.state_dict()
     got = loaded.state_dict()
     assert got.keys() == ref.keys()
+    # AdamW moves every weight by about LR per step whatever its gradient's size, so a gradient near
+    # zero whose sign differs by summation order (ranks vs one process) shifts a weight by up to
+    # ~LR; 1% of one step is the tolerance.
     for key in ref:
-        torch.testing.assert_close(got[key], ref[key], rtol=1e-4, atol=1e-5, msg=key)
+        torch.testing.assert_close(got[key], ref[key], rtol=1e-4, atol=LR * 1e-2, msg=key)
     for key, t in got.items():
         if key.endswith("experts.gate_up"):
             distinct = {tuple(t[e].flatten()[:8].tolist()) for e in range(t.shape[0])}

@@ -12,65 +12,29 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from moiie.experts.grouped import (
-    Activation,
-    GroupedFFN,
-    GroupedGemm,
-    GroupedImpl,
-    GroupedLinear,
-    compute_dtype,
-    resolve_impl,
-)
+from moiie.experts.grouped import ExpertRows, GroupedImpl, GroupedLinear, compute_dtype, resolve_impl
 
 
 def grouped_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
     counts: torch.Tensor,
-    split_sizes: list[int],
+    split_sizes: list[int] | None = None,
     *,
     bias: torch.Tensor | None = None,
     impl: GroupedImpl = "auto",
 ) -> torch.Tensor:
-    """y[rows of e] = x[rows of e] @ weight[e].T (+ bias[e]).
+    """y[rows of e] = x[rows of e] @ weight[e].T (+ bias[e]), zero for rows past counts.sum().
 
-    x: (N, d_in) sorted by expert; weight: (E, d_out, d_in); counts: (E,) int64 on x's device, summing to N;
-    split_sizes: ``counts.tolist()``. Returns (N, d_out).
+    x: (N, d_in) sorted by expert; weight: (E, d_out, d_in); counts: (E,) int64 on x's device, summing
+    to at most N; split_sizes: ``counts.tolist()`` if at hand. Returns (N, d_out) in the compute dtype.
     """
     dtype = compute_dtype(x, weight.dtype)
     with torch.autocast(x.device.type, enabled=False):
-        x, weight = x.to(dtype), weight.to(dtype)
+        x, weight = x.contiguous().to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
-        gemm = GroupedGemm(resolve_impl(impl, x, *weight.shape[1:]), counts, split_sizes)
-        return GroupedLinear.apply(x, weight, bias, gemm)
-
-
-def grouped_ffn(
-    x: torch.Tensor,
-    w1: torch.Tensor,
-    w2: torch.Tensor,
-    counts: torch.Tensor,
-    split_sizes: list[int],
-    *,
-    activation: str,
-    gated: bool,
-    b1: torch.Tensor | None = None,
-    b2: torch.Tensor | None = None,
-    impl: GroupedImpl = "auto",
-) -> torch.Tensor:
-    """Every expert's two-layer FFN on its slice of expert-sorted rows, as one autograd node.
-
-    x: (N, d) sorted by expert; w1: (E, h, d) with h = 2 * d_ff when gated ([gate; up]), else d_ff;
-    w2: (E, d, d_ff); b1: (E, h), b2: (E, d) or None. Weights are cast to the compute dtype once per
-    call. Returns (N, d) in the compute dtype.
-    """
-    dtype = compute_dtype(x, w1.dtype)
-    with torch.autocast(x.device.type, enabled=False):
-        x, w1, w2 = x.to(dtype), w1.to(dtype), w2.to(dtype)
-        b1 = None if b1 is None else b1.to(dtype)
-        b2 = None if b2 is None else b2.to(dtype)
-        gemm = GroupedGemm(resolve_impl(impl, x, *w1.shape[1:], *w2.shape[1:]), counts, split_sizes)
-        return GroupedFFN.apply(x, w1, w2, b1, b2, gemm, Activation(activation), gated)
+        rows = ExpertRows(resolve_impl(impl, x, *weight.shape[1:]), counts, x.shape[0], split_sizes)
+        return GroupedLinear.apply(x, weight, bias, rows)
 
 
 def all_experts_linear(

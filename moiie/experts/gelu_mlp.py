@@ -15,8 +15,8 @@ from moiie.experts.base import (
     GroupedImpl,
     all_experts_linear,
     all_experts_sum_linear,
-    grouped_ffn,
 )
+from moiie.experts.grouped_ffn import grouped_ffn
 from moiie.experts.swiglu import _check_shape
 from moiie.registry import EXPERTS
 
@@ -67,13 +67,15 @@ class GeluMLPExperts(nn.Module):
         self.fc_bias = nn.Parameter(torch.zeros(num_experts, d_ff)) if bias else None
         self.proj_bias = nn.Parameter(torch.zeros(num_experts, d_model)) if bias else None
 
-    def forward(self, x: torch.Tensor, counts: torch.Tensor, split_sizes: list[int]) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, counts: torch.Tensor, split_sizes: list[int] | None = None
+    ) -> torch.Tensor:
+        """x: (N, d_model) sorted by expert, counts (E,) -> (N, d_model) (see SwiGLUExperts.forward)."""
         return grouped_ffn(
             x,
             self.fc,
             self.proj,
             counts,
-            split_sizes,
             activation=self.activation,
             gated=False,
             b1=self.fc_bias,

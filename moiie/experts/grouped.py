@@ -1,21 +1,20 @@
-"""Grouped matmuls over rows sorted by expert, and the two-layer expert FFN built on them.
+"""Grouped matmuls over rows sorted by expert.
 
-Rows arrive sorted by expert, ``split_sizes[e]`` rows for expert e, and weights are stacked in the
-``nn.Linear`` layout ``(num_experts, d_out, d_in)``. Two engines run the per-expert products:
+Rows arrive sorted by expert, ``counts[e]`` rows for expert e, and weights are stacked in the
+``nn.Linear`` layout ``(num_experts, d_out, d_in)``. Rows past ``counts.sum()`` belong to no expert
+(the dispatch keeps a static ``tokens * slots`` layout and sorts empty slots last): they cost no
+arithmetic and the callers zero their outputs. Two engines run the products:
 
-- ``grouped_mm``: ``torch.nn.functional.grouped_mm``, one kernel for all experts on CUDA.
-- ``loop``: one BLAS call per non-empty expert, written straight into its slice of one output
-  buffer (no per-expert temporaries, no concatenation).
-
-The FFN is one autograd node (:class:`GroupedFFN`), so autograd never sees per-expert work:
-backward writes each expert's weight gradient into its slot of one stacked buffer, skips the
-products whose gradient nobody needs, and recomputes the activation from the saved
-pre-activation instead of keeping both. A gated FFN keeps gate and up in two contiguous buffers
-(element-wise kernels run about twice as fast on contiguous tensors as on the halves of one).
+- ``grouped_mm``: ``torch.nn.functional.grouped_mm``, one kernel for all experts on CUDA, with the
+  expert boundaries kept on the device (no host synchronisation). All rows form one block.
+- ``loop``: one BLAS call per non-empty expert, written straight into that expert's rows of one
+  output buffer. Each expert's rows form a block, so callers can finish the element-wise work of
+  one expert while its rows are still in cache, with temporaries the size of one expert's rows.
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Literal
 
@@ -35,9 +34,10 @@ def compute_dtype(t: torch.Tensor, param_dtype: torch.dtype) -> torch.dtype:
 
 
 def resolve_impl(impl: GroupedImpl, x: torch.Tensor, *widths: int) -> str:
-    """The engine to run. `auto` takes grouped_mm on CUDA and the loop elsewhere (on CPU grouped_mm is
-    itself a loop of the same BLAS calls). grouped_mm falls back to the loop for what its kernel lacks:
-    other dtypes (float64) and rows whose byte length is not a multiple of 16."""
+    """The engine to run. `auto` takes grouped_mm on CUDA and the loop elsewhere: on CPU grouped_mm is
+    itself a loop of the same BLAS calls, plus an output allocation per call. grouped_mm falls back to
+    the loop for what its kernel lacks: other dtypes (float64) and rows whose byte length is not a
+    multiple of 16."""
     if impl == "auto":
         impl = "grouped_mm" if x.device.type == "cuda" else "loop"
     if impl == "grouped_mm" and (
@@ -49,187 +49,163 @@ def resolve_impl(impl: GroupedImpl, x: torch.Tensor, *widths: int) -> str:
     return impl
 
 
-class GroupedGemm:
-    """The products of a grouped linear layer and of its backward, for one expert-sorted row layout.
+class Workspace(threading.local):
+    """Per-thread CPU buffers for temporaries that never outlive one operator call.
 
-    counts: (E,) int64 on the rows' device; split_sizes: ``counts.tolist()``. Every method writes into
-    ``out`` when given one (any tensor of the right shape whose per-expert blocks are contiguous).
+    glibc serves blocks above its mmap threshold (at most 32 MiB by default) with fresh pages and
+    unmaps them on free, so every call would page-fault its temporaries back in, which costs 5-10% of
+    a training step on a 2-core CPU. Each slot keeps its largest buffer until :meth:`release`. CUDA's
+    caching allocator already reuses memory, so other devices get fresh tensors.
     """
 
-    def __init__(self, impl: str, counts: torch.Tensor, split_sizes: list[int]):
-        self.impl = impl
-        self.counts, self.num_experts = counts, len(split_sizes)
-        self.rows = sum(split_sizes)
-        self.offsets = torch.cumsum(counts, 0, dtype=torch.int32) if impl == "grouped_mm" else None
-        bounds, start = [], 0
-        for e, n in enumerate(split_sizes):
-            if n:
-                bounds.append((e, start, start + n))
-            start += n
-        self.bounds = bounds
-        """(expert, first row, end row) of every non-empty expert."""
+    def __init__(self):
+        self.buffers: dict[tuple[int, torch.dtype], torch.Tensor] = {}
 
-    def linear(
-        self,
-        x: torch.Tensor,
-        w: torch.Tensor,
-        bias: torch.Tensor | None = None,
-        out: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """out[rows of e] = x[rows of e] @ w[e].T (+ bias[e]). x: (N, d_in), w: (E, d_out, d_in) -> (N, d_out)."""
-        if self.impl == "grouped_mm":
-            y = F.grouped_mm(x, w.transpose(-2, -1), offs=self.offsets)
-            if bias is not None:
-                y += bias.repeat_interleave(self.counts, dim=0, output_size=self.rows)
-            return y if out is None else out.copy_(y)
-        if out is None:
-            out = x.new_empty(self.rows, w.shape[1])
-        for e, a, b in self.bounds:
-            if bias is None:
-                torch.mm(x[a:b], w[e].t(), out=out[a:b])
-            else:
-                torch.addmm(bias[e], x[a:b], w[e].t(), out=out[a:b])
-        return out
+    def take(self, slot: int, rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
+        """An uninitialised (rows, cols) tensor of like's dtype; on CPU the memory of this slot."""
+        if like.device.type != "cpu":
+            return like.new_empty(rows, cols)
+        key, size = (slot, like.dtype), rows * cols
+        buffer = self.buffers.get(key)
+        if buffer is None or buffer.numel() < size:
+            buffer = self.buffers[key] = like.new_empty(size)
+        return buffer[:size].view(rows, cols)
 
-    def linear_input_grad(
-        self, dy: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None, *, accumulate: bool = False
-    ) -> torch.Tensor:
-        """out[rows of e] (+)= dy[rows of e] @ w[e]. dy: (N, d_out), w: (E, d_out, d_in) -> (N, d_in)."""
-        if self.impl == "grouped_mm":
-            dx = F.grouped_mm(dy, w, offs=self.offsets)
-            if out is None:
-                return dx
-            return out.add_(dx) if accumulate else out.copy_(dx)
-        if out is None:
-            out = dy.new_empty(self.rows, w.shape[2])
-        for e, a, b in self.bounds:
-            if accumulate:
-                out[a:b].addmm_(dy[a:b], w[e])
-            else:
-                torch.mm(dy[a:b], w[e], out=out[a:b])
-        return out
+    def release(self) -> None:
+        """Free this thread's buffers."""
+        self.buffers.clear()
 
-    def linear_weight_grad(
-        self, dy: torch.Tensor, x: torch.Tensor, out: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """out[e] = dy[rows of e].T @ x[rows of e], zero for experts without rows. -> (E, d_out, d_in)."""
-        if self.impl == "grouped_mm":
-            dw = F.grouped_mm(dy.t(), x, offs=self.offsets)
-            return dw if out is None else out.copy_(dw)
-        if out is None:
-            out = dy.new_empty(self.num_experts, dy.shape[1], x.shape[1])
-        if len(self.bounds) < self.num_experts:
-            out.zero_()
-        for e, a, b in self.bounds:
-            torch.mm(dy[a:b].t(), x[a:b], out=out[e])
-        return out
 
-    def bias_grad(self, dy: torch.Tensor) -> torch.Tensor:
-        """out[e] = sum of dy over the rows of e. dy: (N, d_out) -> (E, d_out)."""
-        out = dy.new_zeros(self.num_experts, dy.shape[1])
-        for e, a, b in self.bounds:
-            torch.sum(dy[a:b], dim=0, out=out[e])
-        return out
+WORKSPACE = Workspace()
 
 
 @dataclass(frozen=True)
-class Activation:
-    """An element-wise activation and its backward, each one aten kernel (no autograd graph)."""
+class Block:
+    """Rows [start, stop) of one expert (expert None: all rows, every expert)."""
 
-    name: str
+    expert: int | None
+    start: int
+    stop: int
 
-    def __call__(self, h: torch.Tensor) -> torch.Tensor:
-        if self.name == "silu":
-            return F.silu(h)
-        if self.name == "relu":
-            return F.relu(h)
-        return F.gelu(h, approximate="tanh" if self.name == "gelu_tanh" else "none")
-
-    def backward(self, grad: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """grad * act'(h), written into ``grad``."""
-        aten = torch.ops.aten
-        if self.name == "silu":
-            return aten.silu_backward.grad_input(grad, h, grad_input=grad)
-        if self.name == "relu":
-            return grad.masked_fill_(h <= 0, 0)
-        approximate = "tanh" if self.name == "gelu_tanh" else "none"
-        return aten.gelu_backward.grad_input(grad, h, approximate=approximate, grad_input=grad)
+    def of(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t[self.start : self.stop]
 
 
-def _halves(t: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """[gate; up] stacked along dim 1 -> (gate, up) views."""
-    return (None, None) if t is None else t.chunk(2, dim=1)
+class ExpertRows:
+    """One expert-sorted row layout and the products of a grouped linear layer over it, per block.
 
+    counts: (E,) int64 rows per expert; rows: total rows N >= counts.sum(); split_sizes:
+    ``counts.tolist()`` if the caller has it. Block methods take the block's rows (``block.of(t)``).
+    Outputs go into ``out`` for the loop engine (a view of a buffer from :meth:`new`); the grouped_mm
+    engine's single block returns fresh tensors and takes ``out=None``.
+    """
 
-class GroupedFFN(torch.autograd.Function):
-    """y = act(x W1[e].T + b1[e]) W2[e].T + b2[e] per expert slice; gated: (act(gate) * up) W2[e].T + b2[e]
-    with W1 = [W_gate; W_up] and b1 = [b_gate; b_up]."""
+    def __init__(self, impl: str, counts: torch.Tensor, rows: int, split_sizes: list[int] | None = None):
+        self.counts, self.rows, self.num_experts = counts, rows, counts.numel()
+        self.grouped = impl == "grouped_mm"
+        if self.grouped:
+            self.offsets = torch.cumsum(counts, 0, dtype=torch.int32)
+            self.blocks, self.routed = [Block(None, 0, rows)], None  # expert boundaries stay on the device
+            return
+        self.blocks, start = [], 0
+        for e, n in enumerate(counts.tolist() if split_sizes is None else split_sizes):
+            if n:
+                self.blocks.append(Block(e, start, start + n))
+            start += n
+        self.routed = start
 
-    @staticmethod
-    def forward(ctx, x, w1, w2, b1, b2, gemm: GroupedGemm, act: Activation, gated: bool):
-        if gated:
-            (w_gate, w_up), (b_gate, b_up) = _halves(w1), _halves(b1)
-            gate, up = gemm.linear(x, w_gate, b_gate), gemm.linear(x, w_up, b_up)
-            y = gemm.linear(act(gate).mul_(up), w2, b2)
-            ctx.save_for_backward(x, w1, w2, gate, up)
+    def new(self, like: torch.Tensor, cols: int) -> torch.Tensor | None:
+        """The (rows, cols) buffer loop blocks write into; None for grouped_mm (its block returns one)."""
+        return None if self.grouped else like.new_empty(self.rows, cols)
+
+    def new_weight_grad(self, like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        """A gradient buffer of ``shape`` = (E, ...) in like's dtype; experts without rows hold zeros."""
+        out = like.new_empty(shape)
+        if not self.grouped and len(self.blocks) < self.num_experts:
+            out.zero_()
+        return out
+
+    def zero_tail(self, t: torch.Tensor) -> torch.Tensor:
+        """Zero the rows of t (rows x ...) past counts.sum(), in place."""
+        if self.routed is not None:
+            t[self.routed :].zero_()
+        elif self.num_experts == 0:
+            t.zero_()
         else:
-            h = gemm.linear(x, w1, b1)
-            y = gemm.linear(act(h), w2, b2)
-            ctx.save_for_backward(x, w1, w2, h)
-        ctx.gemm, ctx.act, ctx.gated = gemm, act, gated
-        return y
+            tail = torch.arange(self.rows, device=t.device) >= self.offsets[-1]
+            t.masked_fill_(tail[:, None], 0)
+        return t
 
-    @staticmethod
-    def backward(ctx, dy):
-        gemm, act = ctx.gemm, ctx.act
-        need_x, need_w1, need_w2, need_b1, need_b2 = ctx.needs_input_grad[:5]
-        dy = dy.contiguous()  # grouped_mm rejects stride-0 gradients such as the one .sum() sends
-        if ctx.gated:
-            x, w1, w2, gate, up = ctx.saved_tensors
-            da = gemm.linear_input_grad(dy, w2)
-            s = act(gate)
-            dup = torch.mul(da, s)
-            dw2 = gemm.linear_weight_grad(dy, s.mul_(up)) if need_w2 else None
-            del s
-            dgate = act.backward(da.mul_(up), gate)
-            dx = dw1 = None
-            if need_x:
-                w_gate, w_up = _halves(w1)
-                dx = gemm.linear_input_grad(dgate, w_gate)
-                gemm.linear_input_grad(dup, w_up, dx, accumulate=True)
-            if need_w1:
-                dw1 = torch.empty_like(w1)
-                gemm.linear_weight_grad(dgate, x, out=dw1[:, : gate.shape[1]])
-                gemm.linear_weight_grad(dup, x, out=dw1[:, gate.shape[1] :])
-            db1 = torch.cat([gemm.bias_grad(dgate), gemm.bias_grad(dup)], dim=1) if need_b1 else None
+    def _row_expert(self) -> torch.Tensor:
+        """(rows,) expert of each row, num_experts past counts.sum() (grouped_mm engine)."""
+        rows = torch.arange(self.rows, device=self.counts.device, dtype=torch.int32)
+        return torch.searchsorted(self.offsets, rows, right=True)
+
+    def linear(self, block: Block, x, w, bias=None, out=None) -> torch.Tensor:
+        """x @ w[e].T (+ bias[e]) for the block's rows. x: (n, d_in), w: (E, d_out, d_in) -> (n, d_out)."""
+        if self.grouped:
+            y = F.grouped_mm(x, w.transpose(-2, -1), offs=self.offsets)
+            if bias is not None:
+                y += torch.cat([bias, bias.new_zeros(1, bias.shape[1])])[self._row_expert()]
+            return y
+        if bias is None:
+            return torch.mm(x, w[block.expert].t(), out=out)
+        return torch.addmm(bias[block.expert], x, w[block.expert].t(), out=out)
+
+    def linear_input_grad(self, block: Block, dy, w, out=None, *, accumulate: bool = False) -> torch.Tensor:
+        """dy @ w[e] for the block's rows, added to out when accumulating. dy: (n, d_out) -> (n, d_in)."""
+        if self.grouped:
+            dx = F.grouped_mm(dy, w, offs=self.offsets)
+            return out.add_(dx) if accumulate else dx
+        if accumulate:
+            return out.addmm_(dy, w[block.expert])
+        return torch.mm(dy, w[block.expert], out=out)
+
+    def linear_weight_grad(self, block: Block, dy, x, out: torch.Tensor) -> None:
+        """out[e] = dy.T @ x over the block's rows (every expert at once for grouped_mm)."""
+        if self.grouped:
+            out.copy_(F.grouped_mm(dy.t(), x, offs=self.offsets))
         else:
-            x, w1, w2, h = ctx.saved_tensors
-            da = gemm.linear_input_grad(dy, w2)
-            dw2 = gemm.linear_weight_grad(dy, act(h)) if need_w2 else None
-            dh = act.backward(da, h)
-            dx = gemm.linear_input_grad(dh, w1) if need_x else None
-            dw1 = gemm.linear_weight_grad(dh, x) if need_w1 else None
-            db1 = gemm.bias_grad(dh) if need_b1 else None
-        db2 = gemm.bias_grad(dy) if need_b2 else None
-        return dx, dw1, dw2, db1, db2, None, None, None
+            torch.mm(dy.t(), x, out=out[block.expert])
+
+    def bias_grad(self, block: Block, dy, out: torch.Tensor) -> None:
+        """out[e] = sum of dy over the block's rows (every expert at once for grouped_mm)."""
+        if self.grouped:
+            sums = dy.new_zeros(self.num_experts + 1, dy.shape[1]).index_add_(0, self._row_expert(), dy)
+            out.copy_(sums[: self.num_experts])
+        else:
+            torch.sum(dy, dim=0, out=out[block.expert])
 
 
 class GroupedLinear(torch.autograd.Function):
-    """y[rows of e] = x[rows of e] @ w[e].T (+ b[e]), one autograd node for all experts."""
+    """y[rows of e] = x[rows of e] @ w[e].T (+ b[e]), zero past counts.sum(); one autograd node."""
 
     @staticmethod
-    def forward(ctx, x, w, b, gemm: GroupedGemm):
-        ctx.gemm = gemm
+    def forward(ctx, x, w, b, rows: ExpertRows):
+        ctx.rows = rows
         ctx.save_for_backward(x, w)
-        return gemm.linear(x, w, b)
+        y = rows.new(x, w.shape[1])
+        for block in rows.blocks:
+            yb = rows.linear(block, block.of(x), w, b, out=block.of(y))
+        return rows.zero_tail(yb if y is None else y)
 
     @staticmethod
     def backward(ctx, dy):
         x, w = ctx.saved_tensors
-        gemm = ctx.gemm
-        dy = dy.contiguous()
+        rows = ctx.rows
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        dx = gemm.linear_input_grad(dy, w) if need_x else None
-        dw = gemm.linear_weight_grad(dy, x) if need_w else None
-        db = gemm.bias_grad(dy) if need_b else None
+        dy = dy.contiguous()  # grouped_mm rejects stride-0 gradients such as the one .sum() sends
+        dx = rows.new(x, x.shape[1]) if need_x else None
+        dw = rows.new_weight_grad(w, w.shape) if need_w else None
+        db = rows.new_weight_grad(w, w.shape[:2]) if need_b else None
+        for block in rows.blocks:
+            dyb = block.of(dy)
+            if need_x:
+                dxb = rows.linear_input_grad(block, dyb, w, out=block.of(dx))
+            if need_w:
+                rows.linear_weight_grad(block, dyb, block.of(x), dw)
+            if need_b:
+                rows.bias_grad(block, dyb, db)
+        if need_x:
+            dx = rows.zero_tail(dxb if dx is None else dx)
         return dx, dw, db, None

@@ -15,8 +15,8 @@ from moiie.experts.base import (
     GroupedImpl,
     all_experts_linear,
     all_experts_sum_linear,
-    grouped_ffn,
 )
+from moiie.experts.grouped_ffn import grouped_ffn
 from moiie.registry import EXPERTS
 
 
@@ -46,11 +46,13 @@ class SwiGLUExperts(nn.Module):
         self.gate_up = nn.Parameter(torch.empty(num_experts, 2 * d_ff, d_model).normal_(0.0, init_std))
         self.down = nn.Parameter(torch.empty(num_experts, d_model, d_ff).normal_(0.0, init_std))
 
-    def forward(self, x: torch.Tensor, counts: torch.Tensor, split_sizes: list[int]) -> torch.Tensor:
-        """x: (N, d_model) sorted by expert, counts (E,) -> (N, d_model)."""
-        return grouped_ffn(
-            x, self.gate_up, self.down, counts, split_sizes, activation="silu", gated=True, impl=self.impl
-        )
+    def forward(
+        self, x: torch.Tensor, counts: torch.Tensor, split_sizes: list[int] | None = None
+    ) -> torch.Tensor:
+        """x: (N, d_model) sorted by expert, counts (E,) -> (N, d_model); rows past counts.sum() give zeros.
+
+        split_sizes (``counts.tolist()``) is not needed: the grouped operator reads counts itself."""
+        return grouped_ffn(x, self.gate_up, self.down, counts, activation="silu", gated=True, impl=self.impl)
 
     def dense(self, x: torch.Tensor) -> torch.Tensor:
         """Sum of all experts applied to every row. x: (T, d_model) -> (T, d_model)."""
