@@ -27,6 +27,8 @@ def train(args: argparse.Namespace) -> int:
     cfg = _load(TrainConfig, args.config)
     out = Path(args.out or Path("runs") / Path(args.config).stem)
     results = run_training(cfg, out, resume=args.resume, progress=not args.no_progress)
+    if not results:  # a torchrun rank other than 0: rank 0 reports
+        return 0
     ev = results.get("evaluation")
     if ev:
         print(

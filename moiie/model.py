@@ -306,16 +306,7 @@ class MoIIEForCausalLM(nn.Module):
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         """Write moiie_config.json + model.safetensors; each file is written to a temp name and renamed."""
-        from safetensors.torch import save_file
-
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        state, tied = _dedup_state(self.state_dict())
-        _atomic_write(
-            folder / WEIGHTS_NAME, lambda p: save_file(state, p, metadata={"tied": json.dumps(tied)})
-        )
-        config = reload_config(self.moiie_config)
-        _atomic_write(folder / CONFIG_NAME, lambda p: Path(p).write_text(config.to_json()))
+        save_model_files(folder, self.moiie_config, self.state_dict())
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, config: LVLMConfig | None = None) -> MoIIEForCausalLM:
@@ -394,6 +385,20 @@ def reload_config(config: LVLMConfig) -> LVLMConfig:
         if hasattr(part, "architecture_only"):
             updates[name] = part.architecture_only()
     return config.model_copy(update=updates)
+
+
+def save_model_files(folder: str | os.PathLike, config: LVLMConfig, state: dict[str, torch.Tensor]) -> None:
+    """Write what :meth:`MoIIEForCausalLM.save_pretrained` writes from a config and a full state dict
+    (used by the parallel trainer, whose ranks hold pieces of the model). Tensors sharing storage
+    (tied embeddings) are written once; each file goes to a temp name and is renamed into place."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state, tied = _dedup_state(state)
+    _atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(state, p, metadata={"tied": json.dumps(tied)}))
+    config = reload_config(config)
+    _atomic_write(folder / CONFIG_NAME, lambda p: Path(p).write_text(config.to_json()))
 
 
 def _dedup_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

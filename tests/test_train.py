@@ -203,6 +203,8 @@ def test_shipped_configs_load_and_match_the_presets():
 
     root = Path(__file__).resolve().parents[1] / "configs"
     assert TrainConfig.load(root / "digits_moiie.yaml") == digits_train_config("moiie")
+    ep2 = TrainConfig.load(root / "digits_moiie_ep2.yaml")
+    assert ep2.parallel.expert == 2 and ep2.model_copy(update={"parallel": None}) == digits_train_config("moiie")
     assert GridConfig.load(root / "ablation.yaml") == default_grid()
 
 

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from moiie.model import CONFIG_NAME, WEIGHTS_NAME, _atomic_write, _dedup_state, reload_config
+from moiie.model import WEIGHTS_NAME, save_model_files
 from moiie.parallel.expert_parallel import ExpertParallelMoE
 from moiie.parallel.parallelize import expert_parallel_layers, unwrap
 
@@ -64,16 +64,7 @@ def save_pretrained(model: nn.Module, folder: str | os.PathLike) -> None:
     inner = unwrap(model)
     state = full_state_dict(inner)
     if dist.get_rank() == 0:
-        from safetensors.torch import save_file
-
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        state, tied = _dedup_state({k: v.cpu() for k, v in state.items()})
-        _atomic_write(
-            folder / WEIGHTS_NAME, lambda p: save_file(state, p, metadata={"tied": json.dumps(tied)})
-        )
-        config = reload_config(inner.moiie_config)
-        _atomic_write(folder / CONFIG_NAME, lambda p: Path(p).write_text(config.to_json()))
+        save_model_files(folder, inner.moiie_config, {k: v.cpu() for k, v in state.items()})
     dist.barrier()
 
 
@@ -112,15 +103,13 @@ def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> No
 
 def load_pretrained(model: nn.Module, folder: str | os.PathLike) -> None:
     """Load a ``save_pretrained`` folder (written by one process or by any parallel layout) into ``model``."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
+    from moiie.safe_load import load_safetensors, safetensors_metadata
 
     path = Path(folder) / WEIGHTS_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{folder}: no {WEIGHTS_NAME} (not a moiie checkpoint folder)")
-    with safe_open(str(path), framework="pt") as f:
-        tied = json.loads((f.metadata() or {}).get("tied", "{}"))
-    state = load_file(str(path))
+    tied = json.loads(safetensors_metadata(path).get("tied", "{}"))
+    state = load_safetensors(path)
     for alias, source in tied.items():
         state[alias] = state[source]
     load_full_state_dict(model, state)

@@ -36,6 +36,8 @@ class ParallelConfig(Config):
     """Data-parallel replicas of each expert slice; None = world size / expert."""
     data_parallel: Literal["fsdp", "ddp"] = "fsdp"
     """How replicated parameters are trained: FSDP2 (`fully_shard`, sharded) or DDP (replicated)."""
+    timeout_s: float = Field(1800.0, gt=0.0, le=86400.0)
+    """How long a collective may wait before the job fails (e.g. ranks waiting while rank 0 evaluates)."""
     broadcast_weights: bool = True
     """Copy rank 0's weights to every rank before splitting (ranks need not share a seed or a file)."""
 

@@ -30,15 +30,30 @@ def checkpoint_name(stage: int, step: int) -> str:
 
 def write_checkpoint(root: Path, stage: int, step: int, model, state: dict[str, Any], keep: int = 2) -> Path:
     """Save ``model`` (safetensors) and the trainer ``state`` (tensors and plain data) atomically."""
+    tmp = begin_checkpoint(root)
+    model.save_pretrained(tmp)
+    write_torch(tmp / STATE_NAME, state)
+    return finish_checkpoint(root, tmp, stage, step, keep)
+
+
+def begin_checkpoint(root: Path) -> Path:
+    """A fresh hidden temp folder under ``root`` to write a checkpoint's files into (stale ones removed)."""
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".tmp-ckpt-*"):
         shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-ckpt-"))
-    model.save_pretrained(tmp)
-    with open(tmp / STATE_NAME, "wb") as f:
-        torch.save(state, f)
+    return Path(tempfile.mkdtemp(dir=root, prefix=".tmp-ckpt-"))
+
+
+def write_torch(path: Path, data: Any) -> None:
+    """``torch.save`` flushed to disk (tensors and plain data only, so it loads with ``weights_only``)."""
+    with open(path, "wb") as f:
+        torch.save(data, f)
         f.flush()
         os.fsync(f.fileno())
+
+
+def finish_checkpoint(root: Path, tmp: Path, stage: int, step: int, keep: int = 2) -> Path:
+    """Mark ``tmp`` complete, rename it to ``ckpt-<stage>-<step>`` and drop all but the ``keep`` newest."""
     with open(tmp / MARKER, "w") as f:
         f.write("ok\n")
         f.flush()

@@ -8,6 +8,7 @@ from pydantic import Field, field_validator, model_validator
 
 from moiie.config_base import Config, ConfigError
 from moiie.model import LVLMConfig
+from moiie.parallel.mesh import ParallelConfig
 
 _Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
 MAX_BATCH = 2**16
@@ -129,6 +130,10 @@ class TrainConfig(Config):
     """Write a metrics line every N optimizer steps."""
     nonfinite: Literal["stop", "skip"] = "stop"
     """On a NaN/Inf loss or gradient: stop the run, or skip that step."""
+    parallel: ParallelConfig | None = None
+    """The (data x expert) layout under ``torchrun --nproc-per-node N -m moiie train``: expert-parallel
+    size, data-parallel wrapper (fsdp / ddp). None: plain FSDP2 data parallelism when launched with
+    several processes, one process otherwise. Stage batch sizes are global (split over the ranks)."""
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:

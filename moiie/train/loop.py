@@ -18,13 +18,17 @@ import torch
 
 from moiie.diagnostics import RoutingStats
 from moiie.ledger import ledger_of
-from moiie.model import MoIIEForCausalLM
+from moiie.model import MoIIEForCausalLM, reload_config
 from moiie.processor import LVLMProcessor
 from moiie.train import checkpoint as ckpt
 from moiie.train.config import StageConfig, TrainConfig
 from moiie.train.data import BatchOrder, collate, encode_examples, load_task
 from moiie.train.evaluate import evaluate_generation, routing_diagnostics
 from moiie.train.faults import locate_nonfinite
+from moiie.train.runtime import Runtime, SingleProcess, make_runtime
+
+UPCYCLE_STREAM = 3
+"""Offset of the random stream new routers are drawn from (stages use 1 and 2 for their batch order)."""
 
 
 class NonFiniteError(RuntimeError):
@@ -60,6 +64,16 @@ def warmup_cosine(steps: int, warmup_ratio: float, min_ratio: float):
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
+
+
+class NullLog:
+    """The metrics log of ranks other than 0: writes nothing."""
+
+    def write(self, row: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class MetricsLog:
@@ -136,15 +150,26 @@ def train_stage(
     samples: list[dict],
     processor: LVLMProcessor,
     out_dir: Path,
-    metrics: MetricsLog,
+    metrics: MetricsLog | NullLog,
     resume_state: dict | None,
     progress: bool,
     on_eval=None,
-) -> dict[str, float]:
-    """Train one stage; returns the last logged figures."""
+    rt: Runtime | None = None,
+):
+    """Train one stage; returns (the last logged figures, the trained module).
+
+    ``model`` is a single-process model; under ``torchrun`` the runtime splits it over the ranks and
+    the trained module returned is the parallel one (``rt.single_model`` gathers it back).
+    """
     from tqdm.auto import tqdm
 
+    rt = rt or SingleProcess()
+    rt.check_batch(f"stage{stage}", stage_cfg.batch_size)
     n_trainable = set_trainable(model, stage_cfg.trainable)
+    if cfg.gradient_checkpointing:
+        model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    single = model
+    model = rt.prepare(model)
     params = [p for p in model.parameters() if p.requires_grad]
     o = stage_cfg.optim
     opt = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
@@ -154,15 +179,13 @@ def train_stage(
     order = BatchOrder(len(samples), stage_cfg.batch_size, seed=cfg.seed * 1009 + stage)
     start = 0
     if resume_state is not None:
-        opt.load_state_dict(resume_state["optimizer"])
+        rt.load_optimizer(opt, resume_state)
         sched.load_state_dict(resume_state["scheduler"])
         order.load_state_dict(resume_state["order"])
         _set_rng_state(resume_state["rng"])
         start = resume_state["step"]
-    if cfg.gradient_checkpointing:
-        model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    device = next(model.parameters()).device
+    device = rt.device
 
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
@@ -171,7 +194,7 @@ def train_stage(
         total=stage_cfg.steps,
         initial=start,
         desc=f"stage {stage}",
-        disable=not progress,
+        disable=not (progress and rt.is_main),
         leave=False,
         dynamic_ncols=True,
     )
@@ -182,33 +205,40 @@ def train_stage(
         bad = None
         step_batches = []
         for _ in range(stage_cfg.grad_accum):
-            batch = collate(processor, samples, order.next())
+            batch = collate(processor, samples, rt.local(order.next()))
             tokens += int(batch["attention_mask"].sum())
             batch = {k: v.to(device) for k, v in batch.items()}
             step_batches.append(batch)
             with autocast():
                 out = model(**batch)
-            if not torch.isfinite(out.loss):
-                bad = (
-                    f"loss is {out.loss.item()} (lm {out.lm_loss.item():.4g}, aux {out.aux_loss.item():.4g})"
+            lm_loss, loss = out.lm_loss, out.loss
+            if rt.distributed:  # this rank's share of the global micro-batch's mean
+                lm_loss = lm_loss * rt.lm_scale(batch["labels"])
+                loss = lm_loss + out.aux_loss
+            if rt.any(not bool(torch.isfinite(loss))):
+                bad = f"loss is {loss.item()} (lm {lm_loss.item():.4g}, aux {out.aux_loss.item():.4g})" + (
+                    f" on rank {rt.rank}" if rt.distributed else ""
                 )
                 break
-            (out.loss / stage_cfg.grad_accum).backward()
-            for k, v in {"loss": out.loss, "lm_loss": out.lm_loss, **out.aux_losses}.items():
+            (loss / stage_cfg.grad_accum).backward()
+            for k, v in {"loss": loss, "lm_loss": lm_loss, **out.aux_losses}.items():
                 figures[k] = figures.get(k, 0.0) + v.item() / stage_cfg.grad_accum
         in_backward = False
-        if bad is None and (names := _nonfinite_grads(model)):
+        if bad is None and rt.any(bool(names := _nonfinite_grads(model))):
             bad, in_backward = f"gradients of {len(names)} parameter tensors are not finite", True
         if bad is not None:
             opt.zero_grad(set_to_none=True)
-            out = None  # frees the failed step's graph before the replay
-            where = locate_nonfinite(
-                model,
-                step_batches,
-                backward=in_backward,
-                autocast=autocast,
-                grad_accum=stage_cfg.grad_accum,
-            )
+            out = loss = lm_loss = None  # frees the failed step's graph before the replay
+            if rt.distributed:
+                where = "rerun the batch in one process to locate the first non-finite tensor"
+            else:
+                where = locate_nonfinite(
+                    model,
+                    step_batches,
+                    backward=in_backward,
+                    autocast=autocast,
+                    grad_accum=stage_cfg.grad_accum,
+                )
             msg = f"stage {stage} step {step}: {bad}; {where}"
             metrics.write({"stage": stage, "step": step + 1, "nonfinite": msg})
             if cfg.nonfinite == "stop":
@@ -221,20 +251,23 @@ def train_stage(
             continue
         grad_norm = None
         if o.grad_clip is not None:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, o.grad_clip).item()
+            grad_norm = rt.clip_grad_norm(model, params, o.grad_clip)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         bar.update(1)
         done = step + 1
         if done % cfg.log_every == 0 or done == stage_cfg.steps:
+            figures = rt.mean(figures)
             elapsed = time.perf_counter() - t_window
             figures.update(
-                lr=sched.get_last_lr()[0], tokens_per_s=tokens / max(elapsed, 1e-9), trainable=n_trainable
+                lr=sched.get_last_lr()[0],
+                tokens_per_s=rt.total(tokens) / max(elapsed, 1e-9),
+                trainable=n_trainable,
             )
             if grad_norm is not None:
                 figures["grad_norm"] = grad_norm
-            metrics.write({"stage": stage, "step": done, **figures, **routing_figures(model, out.routings)})
+            metrics.write({"stage": stage, "step": done, **figures, **routing_figures(single, out.routings)})
             tokens, t_window = 0, time.perf_counter()
             last = figures
             bar.set_postfix(
@@ -245,7 +278,9 @@ def train_stage(
                 }
             )
         if on_eval is not None and cfg.eval_every and done % cfg.eval_every == 0 and done < stage_cfg.steps:
-            metrics.write({"stage": stage, "step": done, **on_eval()})
+            figures = on_eval(model)
+            if figures is not None:
+                metrics.write({"stage": stage, "step": done, **figures})
         if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == stage_cfg.steps:
             state = {
                 "stage": stage,
@@ -255,21 +290,22 @@ def train_stage(
                 "order": order.state_dict(),
                 "rng": _rng_state(),
             }
-            ckpt.write_checkpoint(out_dir / "checkpoints", stage, done, model, state)
+            rt.write_checkpoint(out_dir / "checkpoints", stage, done, model, state)
     bar.close()
     if cfg.gradient_checkpointing:
-        model.llm.gradient_checkpointing_disable()
-    return last
+        single.llm.gradient_checkpointing_disable()
+    return last, model
 
 
-def _start(cfg: TrainConfig, out_dir: str | os.PathLike):
+def _start(cfg: TrainConfig, out_dir: str | os.PathLike, rt: Runtime):
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    (out_dir / "config.yaml").write_text(cfg.to_yaml())
+    if rt.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.yaml").write_text(cfg.to_yaml())
     return (out_dir, *load_task(cfg.data, cfg.tokenizer))
 
 
@@ -290,33 +326,49 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     _write_text(path, json.dumps(data, indent=2))
 
 
+def _dense(cfg: TrainConfig) -> MoIIEForCausalLM:
+    """The stage-1 model: the configured LVLM with dense FFNs everywhere."""
+    return MoIIEForCausalLM.from_config(cfg.model.model_copy(update={"moe_layers": "none"}))
+
+
+def _metrics(rt: Runtime, out_dir: Path, resume_at: tuple[int, int] | None) -> MetricsLog | NullLog:
+    return MetricsLog(out_dir / "metrics.jsonl", resume_at) if rt.is_main else NullLog()
+
+
 def run_stage1(cfg: TrainConfig, out_dir: str | os.PathLike, *, progress: bool = False) -> dict[str, Any]:
     """Stage 1 only: train the projector of the dense model; writes model/ and stage1.json (last)."""
-    out_dir, train_x, _, tokenizer = _start(cfg, out_dir)
-    model = MoIIEForCausalLM.from_config(cfg.model.model_copy(update={"moe_layers": "none"}))
-    _check_vocab(model, tokenizer)
-    processor = LVLMProcessor(tokenizer, model.vision.preprocess, model.n_image_tokens)
-    samples = encode_examples(train_x, tokenizer, processor)
-    metrics = MetricsLog(out_dir / "metrics.jsonl", None)
+    rt = make_runtime(cfg.parallel)
     try:
-        last = train_stage(
-            model,
-            cfg,
-            cfg.stage1,
-            stage=1,
-            samples=samples,
-            processor=processor,
-            out_dir=out_dir,
-            metrics=metrics,
-            resume_state=None,
-            progress=progress,
-        )
+        out_dir, train_x, _, tokenizer = _start(cfg, out_dir, rt)
+        model = _dense(cfg)
+        _check_vocab(model, tokenizer)
+        processor = LVLMProcessor(tokenizer, model.vision.preprocess, model.n_image_tokens)
+        samples = encode_examples(train_x, tokenizer, processor)
+        metrics = _metrics(rt, out_dir, None)
+        try:
+            last, trained = train_stage(
+                model,
+                cfg,
+                cfg.stage1,
+                stage=1,
+                samples=samples,
+                processor=processor,
+                out_dir=out_dir,
+                metrics=metrics,
+                resume_state=None,
+                progress=progress,
+                rt=rt,
+            )
+        finally:
+            metrics.close()
+        model = rt.single_model(trained)
+        result = {"final": last}
+        if rt.is_main:
+            model.save_pretrained(out_dir / "model")
+            _write_json(out_dir / "stage1.json", result)
+        return result
     finally:
-        metrics.close()
-    model.save_pretrained(out_dir / "model")
-    result = {"final": last}
-    _write_json(out_dir / "stage1.json", result)
-    return result
+        rt.close()
 
 
 def run_training(
@@ -327,30 +379,65 @@ def run_training(
     progress: bool = True,
     stage1_from: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
-    """Run both stages (or stage 2 from a finished stage-1 model folder); returns and writes results.json."""
-    out_dir, train_x, held_x, tokenizer = _start(cfg, out_dir)
+    """Run both stages (or stage 2 from a finished stage-1 model folder); returns and writes results.json.
+
+    Under ``torchrun`` every rank must call it; rank 0 evaluates, writes the files and returns the
+    results, other ranks return an empty dict (see :mod:`moiie.train.runtime`)."""
+    rt = make_runtime(cfg.parallel)
+    try:
+        return _run_training(cfg, out_dir, rt, resume=resume, progress=progress, stage1_from=stage1_from)
+    finally:
+        rt.close()
+
+
+def _run_training(
+    cfg: TrainConfig,
+    out_dir: str | os.PathLike,
+    rt: Runtime,
+    *,
+    resume: bool,
+    progress: bool,
+    stage1_from: str | os.PathLike | None,
+) -> dict[str, Any]:
+    out_dir, train_x, held_x, tokenizer = _start(cfg, out_dir, rt)
 
     latest = ckpt.latest_checkpoint(out_dir / "checkpoints") if resume else None
     resume_state = None
     if latest is not None:
         model = MoIIEForCausalLM.from_pretrained(latest)
-        resume_state = ckpt.read_state(latest)
+        resume_state = rt.read_checkpoint_state(latest)
     elif stage1_from is not None:
         model = MoIIEForCausalLM.from_pretrained(stage1_from)
     else:
-        model = MoIIEForCausalLM.from_config(cfg.model.model_copy(update={"moe_layers": "none"}))
+        model = _dense(cfg)
     _check_vocab(model, tokenizer)
     processor = LVLMProcessor(tokenizer, model.vision.preprocess, model.n_image_tokens)
     samples = encode_examples(train_x, tokenizer, processor)
-    held_samples = encode_examples(held_x, tokenizer, processor)
-    metrics = MetricsLog(
-        out_dir / "metrics.jsonl", (resume_state["stage"], resume_state["step"]) if resume_state else None
-    )
+    metrics = _metrics(rt, out_dir, (resume_state["stage"], resume_state["step"]) if resume_state else None)
+
+    def generation(single: MoIIEForCausalLM) -> dict[str, Any]:
+        return evaluate_generation(
+            single,
+            held_x,
+            tokenizer,
+            processor,
+            batch_size=cfg.eval_batch_size,
+            max_new_tokens=cfg.max_new_tokens,
+        )
+
+    def on_eval(trained) -> dict[str, float] | None:
+        """Held-out generation on rank 0's single-process copy (a collective under torchrun)."""
+        single = rt.single_model(trained)
+        if single is None:
+            return None
+        r = generation(single)
+        return {"eval_accuracy": r["accuracy"], **{f"eval/{k}": v for k, v in r["per_qtype"].items()}}
+
     t0 = time.perf_counter()
     try:
         at_stage = resume_state["stage"] if resume_state else (2 if stage1_from is not None else 1)
         if at_stage == 1:
-            train_stage(
+            _, trained = train_stage(
                 model,
                 cfg,
                 cfg.stage1,
@@ -361,30 +448,30 @@ def run_training(
                 metrics=metrics,
                 resume_state=resume_state,
                 progress=progress,
+                rt=rt,
             )
             resume_state = None
+            if rt.distributed:  # every rank rebuilds the trained dense model to upcycle it
+                from moiie.parallel import full_state_dict
+
+                state = full_state_dict(trained)
+                model = MoIIEForCausalLM.from_config(reload_config(rt.inner(trained).moiie_config))
+                model.load_state_dict({k: v.cpu() for k, v in state.items()})
+                del trained, state
         if not model.moe_layer_indices and cfg.model.moe_layers != "none":
-            model.upcycle(cfg.model.ffn, cfg.model.moe_layers)
+            # new routers are drawn from a generator of their own, so they do not depend on how many
+            # random numbers stage 1 consumed (resumed runs, parallel runs and one-process runs agree)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.seed * 1009 + UPCYCLE_STREAM)
+                model.upcycle(cfg.model.ffn, cfg.model.moe_layers)
         if (
             resume_state is not None
             and resume_state["stage"] == 2
             and resume_state["step"] >= cfg.stage2.steps
         ):
-            last = {}
+            last, trained = {}, rt.prepare(model) if rt.distributed else model
         else:
-
-            def on_eval():
-                r = evaluate_generation(
-                    model,
-                    held_x,
-                    tokenizer,
-                    processor,
-                    batch_size=cfg.eval_batch_size,
-                    max_new_tokens=cfg.max_new_tokens,
-                )
-                return {"eval_accuracy": r["accuracy"], **{f"eval/{k}": v for k, v in r["per_qtype"].items()}}
-
-            last = train_stage(
+            last, trained = train_stage(
                 model,
                 cfg,
                 cfg.stage2,
@@ -396,22 +483,16 @@ def run_training(
                 resume_state=resume_state if resume_state and resume_state["stage"] == 2 else None,
                 progress=progress,
                 on_eval=on_eval if held_x else None,
+                rt=rt,
             )
         train_seconds = time.perf_counter() - t0
-        evaluation = (
-            evaluate_generation(
-                model,
-                held_x,
-                tokenizer,
-                processor,
-                batch_size=cfg.eval_batch_size,
-                max_new_tokens=cfg.max_new_tokens,
-            )
-            if held_x
-            else None
-        )
+        model = rt.single_model(trained)
+        del trained
+        if not rt.is_main:
+            return {}
+        evaluation = generation(model) if held_x else None
         topology = getattr(cfg.model.ffn, "topology", None)
-        stats = routing_diagnostics(model, held_samples[:512], processor, topology)
+        stats = routing_diagnostics(model, held_samples_of(held_x, tokenizer, processor), processor, topology)
         ledger = ledger_of(model)
         results = {
             "evaluation": evaluation,
@@ -422,6 +503,7 @@ def run_training(
                 "activated_vision": ledger.activated["vision"],
             },
             "train_seconds": train_seconds,
+            "world_size": rt.world,
             "routing": stats.summary() if stats else None,
             "collapsed": bool(stats.collapsed(getattr(cfg.model.ffn.router, "top_k", 1))) if stats else False,
         }
@@ -432,3 +514,8 @@ def run_training(
     model.save_pretrained(out_dir / "model")
     _write_json(out_dir / "results.json", results)
     return results
+
+
+def held_samples_of(held_x, tokenizer, processor, limit: int = 512) -> list[dict]:
+    """The first ``limit`` held-out examples, encoded for routing diagnostics."""
+    return encode_examples(held_x[:limit], tokenizer, processor)
