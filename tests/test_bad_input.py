@@ -46,3 +46,11 @@ def test_missing_d_ff_without_backbone():
 def test_empty_batch_is_fine(layer):
     y, routing = layer(torch.randn(0, 8), torch.zeros(0, dtype=torch.long))
     assert y.shape == (0, 8) and routing.expert_ids.shape == (0, 2)
+
+
+@pytest.mark.parametrize("kind", ["swiglu", "gelu_mlp"])
+def test_absurd_expert_width_is_refused_before_allocating(kind):
+    from moiie.config_base import ConfigError
+
+    with pytest.raises(ConfigError, match=r"expert\.d_ff"):
+        MoEConfig.parse({"expert": {"kind": kind, "d_ff": 10**9}})

@@ -51,6 +51,29 @@ def test_router_logits_are_fp32_under_bf16_autocast():
     assert r.weights.dtype == torch.float32 and r.probs.dtype == torch.float32
 
 
+@pytest.mark.parametrize("x_dtype,w_dtype", [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32)])
+def test_router_logits_in_low_precision_match_a_float32_reference(x_dtype, w_dtype):
+    """The float32 product keeps no float32 copy of x, and its values and gradients are the plain
+    float32 product's, returned in each input's dtype."""
+    from moiie.routers.base import router_logits
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 32, generator=g).to(x_dtype).requires_grad_(True)
+    w = torch.randn(6, 32, generator=g).to(w_dtype).requires_grad_(True)
+    d = torch.randn(64, 6, generator=g)
+    logits = router_logits(x, w)
+    assert logits.dtype == torch.float32
+    logits.backward(d)
+    x_ref = x.detach().float().requires_grad_(True)
+    w_ref = w.detach().float().requires_grad_(True)
+    ref = torch.nn.functional.linear(x_ref, w_ref)
+    ref.backward(d)
+    torch.testing.assert_close(logits, ref)
+    assert x.grad.dtype == x_dtype and w.grad.dtype == w_dtype
+    torch.testing.assert_close(x.grad, x_ref.grad.to(x_dtype))
+    torch.testing.assert_close(w.grad, w_ref.grad.to(w_dtype))
+
+
 def test_jitter_only_in_training():
     cfg = ROUTERS.config_class("modality_guided")(jitter=0.5)
     router = ROUTERS.build(cfg, d_model=8, topology=ExpertTopology(vision=2, shared=4, text=2))

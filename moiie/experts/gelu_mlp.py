@@ -17,7 +17,7 @@ from moiie.experts.base import (
     all_experts_sum_linear,
 )
 from moiie.experts.grouped_ffn import grouped_ffn
-from moiie.experts.swiglu import _check_shape
+from moiie.experts.swiglu import MAX_D_FF, _check_shape
 from moiie.registry import EXPERTS
 
 ACTIVATIONS = {
@@ -32,7 +32,7 @@ class GeluMLPExpertConfig(Config):
     """Each expert is fc (d_model -> d_ff), activation, proj (d_ff -> d_model), with biases."""
 
     kind: Literal["gelu_mlp"] = "gelu_mlp"
-    d_ff: int | None = Field(None, ge=1)
+    d_ff: int | None = Field(None, ge=1, le=MAX_D_FF)
     """Hidden width of each expert; None takes the backbone's FFN width (required without a backbone)."""
     activation: Literal["gelu", "gelu_tanh", "relu", "silu"] = "gelu_tanh"
     """Activation; GPT-2's `gelu_new` is `gelu_tanh`."""

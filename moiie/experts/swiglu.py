@@ -20,11 +20,16 @@ from moiie.experts.grouped_ffn import grouped_ffn
 from moiie.registry import EXPERTS
 
 
+MAX_D_FF = 1 << 20
+"""Upper bound of an expert's hidden width (4x the widest FFN of today's LLMs): larger values are
+typos that would try to allocate terabytes."""
+
+
 class SwiGLUExpertConfig(Config):
     """Each expert is a SwiGLU FFN of width d_ff."""
 
     kind: Literal["swiglu"] = "swiglu"
-    d_ff: int | None = Field(None, ge=1)
+    d_ff: int | None = Field(None, ge=1, le=MAX_D_FF)
     """Hidden width of each expert; None takes the backbone's FFN width (required without a backbone)."""
     impl: GroupedImpl = "auto"
     """Grouped matmul: `grouped_mm` (torch.nn.functional.grouped_mm), `loop` (one matmul per expert slice),

@@ -148,10 +148,32 @@ def jitter(x: torch.Tensor, eps: float, training: bool) -> torch.Tensor:
     return x * torch.empty_like(x).uniform_(1.0 - eps, 1.0 + eps)
 
 
+class _Float32Linear(torch.autograd.Function):
+    """x @ w.T computed in float32 for any input dtype; saves x in its own dtype and casts it again in
+    backward, so a bf16 layer keeps no float32 copy of its hidden states alive for the router."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(x, weight)
+        return F.linear(x.float(), weight.float())
+
+    @staticmethod
+    def backward(ctx, d_logits):
+        x, weight = ctx.saved_tensors
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dx = (d_logits @ weight.float()).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            dw = (d_logits.t() @ x.float()).to(weight.dtype)
+        return dx, dw
+
+
 def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """fp32 router logits, independent of any autocast region (SPEC: softmax in float32)."""
     with torch.autocast(x.device.type, enabled=False):
-        return F.linear(x.float(), weight.float())
+        if x.dtype == torch.float32 and weight.dtype == torch.float32:
+            return F.linear(x, weight)
+        return _Float32Linear.apply(x, weight)
 
 
 def place(logits: torch.Tensor, ids: range, num_experts: int) -> torch.Tensor:

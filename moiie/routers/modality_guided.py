@@ -56,8 +56,11 @@ class ModalityGuidedRouter(Router):
         E = self.num_experts
         # Both routers run on every token (a few kFLOPs each) so the routing has no data-dependent
         # shapes; torch.where keeps each router's gradient to its own modality's tokens.
-        vision_logits = place(router_logits(x, self.vision), self.vision_candidates, E)
-        text_logits = place(router_logits(x, self.text), self.text_candidates, E)
+        # one product for both routers: x is read (and, in backward, its gradient written) once
+        both = router_logits(x, torch.cat([self.vision, self.text]))
+        vision_logits, text_logits = both.split([len(self.vision_candidates), len(self.text_candidates)], 1)
+        vision_logits = place(vision_logits, self.vision_candidates, E)
+        text_logits = place(text_logits, self.text_candidates, E)
         is_vision = modality == VISION
         logits = torch.where(is_vision[:, None], vision_logits, text_logits)
         return top_k_routing(
