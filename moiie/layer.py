@@ -126,23 +126,30 @@ class MoELayer(nn.Module):
         self.capacity_factor = capacity_factor
 
     def forward(self, x: torch.Tensor, modality: torch.Tensor) -> tuple[torch.Tensor, Routing]:
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-            got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
-            raise TypeError(f"x must be a floating-point torch.Tensor of hidden states, got {got}")
-        if x.dim() < 1 or x.shape[-1] != self.experts.d_model:
-            raise ValueError(f"x must have shape (..., {self.experts.d_model}), got {tuple(x.shape)}")
-        check_modality(modality, x.shape[:-1])
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])
-        modality = modality.reshape(-1).long()
-        routing = self.router(x, modality)
-        if self.capacity_factor is not None:
-            routing = apply_capacity(routing, self.capacity_factor)
-        y = dispatch(x, routing, self.experts)
-        if self.always_on is not None:
-            real = (modality >= 0)[:, None].to(y.dtype)
-            y = (y + self.always_on.dense(x).to(y.dtype) * real) / (1 + self.always_on.num_experts)
-        return y.reshape(shape), routing
+        return moe_forward(self, x, modality, self.experts)
+
+
+def moe_forward(layer, x: torch.Tensor, modality: torch.Tensor, experts) -> tuple[torch.Tensor, Routing]:
+    """The forward of an MoE layer (``layer``: router, experts, always_on, capacity_factor) with the
+    routed rows sent to ``experts(x_sorted, counts, split_sizes)`` (local experts, or the all-to-all of
+    an expert-parallel layer). Validates x and modality; returns (y, routing)."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+        raise TypeError(f"x must be a floating-point torch.Tensor of hidden states, got {got}")
+    if x.dim() < 1 or x.shape[-1] != layer.experts.d_model:
+        raise ValueError(f"x must have shape (..., {layer.experts.d_model}), got {tuple(x.shape)}")
+    check_modality(modality, x.shape[:-1])
+    shape = x.shape
+    x = x.reshape(-1, shape[-1])
+    modality = modality.reshape(-1).long()
+    routing = layer.router(x, modality)
+    if layer.capacity_factor is not None:
+        routing = apply_capacity(routing, layer.capacity_factor)
+    y = dispatch(x, routing, experts)
+    if layer.always_on is not None:
+        real = (modality >= 0)[:, None].to(y.dtype)
+        y = (y + layer.always_on.dense(x).to(y.dtype) * real) / (1 + layer.always_on.num_experts)
+    return y.reshape(shape), routing
 
 
 @FFNS.register("dense", DenseFFNConfig, example=lambda: DenseFFNConfig(expert=SwiGLUExpertConfig(d_ff=16)))

@@ -19,7 +19,6 @@ from moiie.experts.base import (
 from moiie.experts.grouped_ffn import grouped_ffn
 from moiie.registry import EXPERTS
 
-
 MAX_D_FF = 1 << 20
 """Upper bound of an expert's hidden width (4x the widest FFN of today's LLMs): larger values are
 typos that would try to allocate terabytes."""

@@ -31,12 +31,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed import ProcessGroup
 
-from moiie.dispatch import dispatch
-from moiie.layer import MoELayer
-from moiie.modality import check_modality
+from moiie.layer import MoELayer, moe_forward
 from moiie.parallel.collectives import all_to_all_rows, exchange_counts
 from moiie.parallel.stats import reduce_group_stats
-from moiie.routers.base import Router, Routing, apply_capacity
+from moiie.routers.base import Router, Routing
 
 
 def expert_slice(num_experts: int, rank: int, size: int) -> range:
@@ -156,24 +154,8 @@ class ExpertParallelMoE(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, modality: torch.Tensor) -> tuple[torch.Tensor, Routing]:
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-            got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
-            raise TypeError(f"x must be a floating-point torch.Tensor of hidden states, got {got}")
-        if x.dim() < 1 or x.shape[-1] != self.experts.d_model:
-            raise ValueError(f"x must have shape (..., {self.experts.d_model}), got {tuple(x.shape)}")
-        check_modality(modality, x.shape[:-1])
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])
-        modality = modality.reshape(-1).long()
-        routing = self.router(x, modality)
-        if self.capacity_factor is not None:
-            routing = apply_capacity(routing, self.capacity_factor)
-        y = dispatch(x, routing, self._remote_experts)
-        if self.always_on is not None:
-            real = (modality >= 0)[:, None].to(y.dtype)
-            y = (y + self.always_on.dense(x).to(y.dtype) * real) / (1 + self.always_on.num_experts)
-        routing = routing.with_(groups=reduce_group_stats(routing.groups, self.stats_group))
-        return y.reshape(shape), routing
+        y, routing = moe_forward(self, x, modality, self._remote_experts)
+        return y, routing.with_(groups=reduce_group_stats(routing.groups, self.stats_group))
 
     def _remote_experts(
         self, x_sorted: torch.Tensor, counts: torch.Tensor, split_sizes: list[int] | None = None

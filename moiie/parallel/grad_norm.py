@@ -42,10 +42,12 @@ def clip_grad_norm_(model: nn.Module, max_norm: float | None = None) -> torch.Te
             continue
         local = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
         pieces.append(local)
-        term = local.detach().float().square().sum() / _copies(p, expert_copies, world)
+        wide = local.detach().to(torch.promote_types(local.dtype, torch.float32))  # bf16 up, fp64 kept
+        term = wide.square().sum() / _copies(p, expert_copies, world)
         square = term if square is None else square + term
     if square is None:
         square = torch.zeros((), device=next(inner.parameters()).device)
+    square = square.to(torch.float64)  # one dtype on every rank, whatever its pieces were
     dist.all_reduce(square)
     total = square.sqrt()
     if max_norm is not None:

@@ -35,7 +35,10 @@ def reduce_group_stats(groups: list[RouterGroupStats], group: ProcessGroup) -> l
     parts = []
     for g in groups:
         parts += [g.tokens.reshape(1), g.load, g.prob_sum, g.z_sum.reshape(1)]
-    flat = torch.cat([p.to(torch.float32) for p in parts])
+    dtype = torch.float32  # counts are exact in float32 up to 2**24 tokens; sums keep a wider dtype
+    for g in groups:
+        dtype = torch.promote_types(dtype, g.prob_sum.dtype)
+    flat = torch.cat([p.to(dtype) for p in parts])
     total = all_reduce_sum(flat, group)
     out, at = [], 0
     for g in groups:

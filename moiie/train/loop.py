@@ -213,7 +213,7 @@ def train_stage(
                 out = model(**batch)
             lm_loss, loss = out.lm_loss, out.loss
             if rt.distributed:  # this rank's share of the global micro-batch's mean
-                lm_loss = lm_loss * rt.lm_scale(batch["labels"])
+                lm_loss = lm_loss * rt.lm_scale(batch["labels"]).to(lm_loss.dtype)
                 loss = lm_loss + out.aux_loss
             if rt.any(not bool(torch.isfinite(loss))):
                 bad = f"loss is {loss.item()} (lm {lm_loss.item():.4g}, aux {out.aux_loss.item():.4g})" + (
@@ -345,20 +345,11 @@ def run_stage1(cfg: TrainConfig, out_dir: str | os.PathLike, *, progress: bool =
         processor = LVLMProcessor(tokenizer, model.vision.preprocess, model.n_image_tokens)
         samples = encode_examples(train_x, tokenizer, processor)
         metrics = _metrics(rt, out_dir, None)
+        common = dict(
+            samples=samples, processor=processor, out_dir=out_dir, metrics=metrics, progress=progress, rt=rt
+        )
         try:
-            last, trained = train_stage(
-                model,
-                cfg,
-                cfg.stage1,
-                stage=1,
-                samples=samples,
-                processor=processor,
-                out_dir=out_dir,
-                metrics=metrics,
-                resume_state=None,
-                progress=progress,
-                rt=rt,
-            )
+            last, trained = train_stage(model, cfg, cfg.stage1, stage=1, **common, resume_state=None)
         finally:
             metrics.close()
         model = rt.single_model(trained)
@@ -414,6 +405,9 @@ def _run_training(
     processor = LVLMProcessor(tokenizer, model.vision.preprocess, model.n_image_tokens)
     samples = encode_examples(train_x, tokenizer, processor)
     metrics = _metrics(rt, out_dir, (resume_state["stage"], resume_state["step"]) if resume_state else None)
+    common = dict(
+        samples=samples, processor=processor, out_dir=out_dir, metrics=metrics, progress=progress, rt=rt
+    )
 
     def generation(single: MoIIEForCausalLM) -> dict[str, Any]:
         return evaluate_generation(
@@ -437,19 +431,7 @@ def _run_training(
     try:
         at_stage = resume_state["stage"] if resume_state else (2 if stage1_from is not None else 1)
         if at_stage == 1:
-            _, trained = train_stage(
-                model,
-                cfg,
-                cfg.stage1,
-                stage=1,
-                samples=samples,
-                processor=processor,
-                out_dir=out_dir,
-                metrics=metrics,
-                resume_state=resume_state,
-                progress=progress,
-                rt=rt,
-            )
+            _, trained = train_stage(model, cfg, cfg.stage1, stage=1, **common, resume_state=resume_state)
             resume_state = None
             if rt.distributed:  # every rank rebuilds the trained dense model to upcycle it
                 from moiie.parallel import full_state_dict
@@ -476,14 +458,9 @@ def _run_training(
                 cfg,
                 cfg.stage2,
                 stage=2,
-                samples=samples,
-                processor=processor,
-                out_dir=out_dir,
-                metrics=metrics,
+                **common,
                 resume_state=resume_state if resume_state and resume_state["stage"] == 2 else None,
-                progress=progress,
                 on_eval=on_eval if held_x else None,
-                rt=rt,
             )
         train_seconds = time.perf_counter() - t0
         model = rt.single_model(trained)

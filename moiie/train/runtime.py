@@ -188,12 +188,16 @@ class Distributed(Runtime):
         local = self.target_tokens(labels).to(torch.float64)
         total = self._sum(local.reshape(1)).reshape(())
         if float(total) == 0:
-            return torch.zeros((), dtype=torch.float32, device=labels.device)
-        return (local.to(self.device) * self.world / total).to(torch.float32).to(labels.device)
+            return torch.zeros((), dtype=torch.float64, device=labels.device)
+        return (local.to(self.device) * self.world / total).to(labels.device)
 
     def prepare(self, model: nn.Module) -> nn.Module:
+        import warnings
+
         from moiie.parallel import parallelize
 
+        # the trainer only reads the model's outputs (no in-place op on the logits view FSDP2 warns about)
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
         return parallelize(model.to(self.device), self.mesh, self.parallel)
 
     def inner(self, model: nn.Module) -> nn.Module:
