@@ -370,7 +370,7 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
             f"(use {IGNORE_INDEX} where no loss is taken)"
         )
     target = labels[:, 1:].long()
-    logit = logits[:, :-1].float()
+    logit = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))
     total = F.cross_entropy(
         logit.reshape(-1, logit.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
     )

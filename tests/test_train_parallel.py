@@ -139,6 +139,44 @@ def test_resume_under_torchrun_is_exact(runs, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
+def test_two_ranks_follow_one_process_for_a_hundred_steps_in_float64(tmp_path):
+    """In float32, rounding differences (1e-7) flip routing decisions and grow until the runs part
+    within ~50 steps; in float64 the 2-rank run's logged figures stay with the one-process run over
+    110 steps, a loss spike included."""
+    cfg = _config(log_every=10, checkpoint_every=0, eval_every=0)
+    cfg = cfg.model_copy(
+        update={
+            "stage1": cfg.stage1.model_copy(update={"steps": 10, "batch_size": 64}),
+            "stage2": cfg.stage2.model_copy(update={"steps": 100, "batch_size": 64}),
+        }
+    )
+    helper = str(Path(__file__).with_name("float64_train.py"))
+    cfg.save(tmp_path / "single.yaml")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = [
+        sys.executable,
+        helper,
+        "train",
+        str(tmp_path / "single.yaml"),
+        "--out",
+        str(tmp_path / "single"),
+    ]
+    _ok(subprocess.run(single, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, env=env))
+    cfg.model_copy(update={"parallel": ParallelConfig(expert=2)}).save(tmp_path / "ep2.yaml")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", helper]
+    cmd += ["train", str(tmp_path / "ep2.yaml"), "--out", str(tmp_path / "ep2"), "--no-progress"]
+    _ok(subprocess.run(cmd, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, env=env))
+    want, got = _rows(tmp_path / "single"), _rows(tmp_path / "ep2")
+    assert len(want) == len(got) == 11 and want[-1]["stage"] == 2
+    keys = ("loss", "lm_loss", "balance/vision", "balance/text", "grad_norm")
+    a = torch.tensor([[r.get(k, 0.0) for k in keys] for r in want], dtype=torch.float64)
+    b = torch.tensor([[r.get(k, 0.0) for k in keys] for r in got], dtype=torch.float64)
+    # measured here: within 1e-8 at batch 64; a routing decision that flips on a 1e-15 difference
+    # (two experts' scores tied to rounding) can part the runs by ~1e-4 (seen once at batch 16)
+    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-7)
+
+
 def test_resume_with_another_layout_is_refused(runs, tmp_path):
     import shutil
 

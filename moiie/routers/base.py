@@ -169,11 +169,15 @@ class _Float32Linear(torch.autograd.Function):
 
 
 def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """fp32 router logits, independent of any autocast region (SPEC: softmax in float32)."""
+    """Router logits in float32 (SPEC: softmax in float32), or float64 for a float64 model,
+    independent of any autocast region."""
+    dtype = torch.promote_types(torch.promote_types(x.dtype, weight.dtype), torch.float32)
     with torch.autocast(x.device.type, enabled=False):
-        if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        if x.dtype == dtype and weight.dtype == dtype:
             return F.linear(x, weight)
-        return _Float32Linear.apply(x, weight)
+        if dtype == torch.float32:
+            return _Float32Linear.apply(x, weight)
+        return F.linear(x.to(dtype), weight.to(dtype))
 
 
 def place(logits: torch.Tensor, ids: range, num_experts: int) -> torch.Tensor:
