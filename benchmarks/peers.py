@@ -106,6 +106,22 @@ def build_limit(w: Weights, shape: Shape, dtype: torch.dtype) -> Method:
     return Method("limit", forward, [gate, up, down], tokens=shape.top_k)
 
 
+def build_split_limit(w: Weights, shape: Shape, dtype: torch.dtype) -> Method:
+    """Every expert's SwiGLU over an equal slice of the k*T rows, plain F.linear, no routing: what
+    splitting the arithmetic over E experts' weights costs by itself (not timed by default)."""
+    f, E = shape.d_ff, shape.num_experts
+    experts = [
+        [nn.Parameter(t.to(dtype).clone()) for t in (w.gate_up[e, :f], w.gate_up[e, f:], w.down[e])]
+        for e in range(E)
+    ]
+
+    def forward(x: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
+        parts = x.chunk(E)
+        return torch.cat([F.linear(F.silu(F.linear(p, g)) * F.linear(p, u), d) for p, (g, u, d) in zip(parts, experts)])
+
+    return Method("split-limit", forward, [p for e in experts for p in e], tokens=shape.top_k)
+
+
 # --- moiie -------------------------------------------------------------------------------------
 
 
@@ -249,6 +265,8 @@ def build_method(name: str, w: Weights, shape: Shape, dtype: torch.dtype) -> Met
     """Build one method by name (see :data:`METHODS`)."""
     if name == "limit":
         return build_limit(w, shape, dtype)
+    if name == "split-limit":
+        return build_split_limit(w, shape, dtype)
     if name in ("moiie", "moiie-compiled"):
         return moiie_method(
             name, build_moiie(w, shape, dtype, vanilla=False), compiled=name.endswith("compiled")
@@ -266,6 +284,7 @@ def build_method(name: str, w: Weights, shape: Shape, dtype: torch.dtype) -> Met
 
 METHODS = (
     "limit",
+    "split-limit",
     "moiie",
     "moiie-vanilla",
     "moiie-compiled",

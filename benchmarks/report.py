@@ -13,6 +13,7 @@ import json
 import sys
 
 METHOD_ORDER = (
+    "split-limit",
     "moiie",
     "moiie-vanilla",
     "moiie-compiled",
