@@ -12,17 +12,10 @@ from __future__ import annotations
 import json
 import sys
 
-METHOD_ORDER = (
-    "split-limit",
-    "moiie",
-    "moiie-vanilla",
-    "moiie-compiled",
-    "moiie-loop",
-    "moiie-grouped_mm",
-    "hf-eager",
-    "hf-grouped_mm",
-    "official-loop",
-)
+
+def methods_in(results: list[dict]) -> list[str]:
+    """Every method of the records but the limit, in the order the benchmark ran them."""
+    return list(dict.fromkeys(r["method"] for r in results if r["method"] != "limit"))
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:
@@ -41,7 +34,7 @@ def speed_tables(record: dict) -> str:
                 rows_by_config.setdefault((r["dtype"], r["T"]), {})[r["method"]] = r
         if not rows_by_config:
             continue
-        methods = [m for m in METHOD_ORDER if any(m in c for c in rows_by_config.values())]
+        methods = methods_in([r for r in results if r["mode"] == mode])
         header = [
             "dtype",
             "T",
@@ -81,7 +74,7 @@ def sweep_table(record: dict) -> str:
     for r in record["results"]:
         if "experts" in r:
             by_config.setdefault((r["dtype"], r["experts"], r["d_ff"], r["top_k"]), {})[r["method"]] = r
-    methods = [m for m in METHOD_ORDER if any(m in c for c in by_config.values())]
+    methods = methods_in([r for r in record["results"] if "experts" in r])
     header = ["dtype", "E", "d_ff", "top_k", "limit ms", *(f"{m} / limit" for m in methods)]
     rows = []
     for (dtype, E, d_ff, k), by_method in sorted(by_config.items()):

@@ -5,8 +5,9 @@ text tokens together (no per-modality passes, no per-expert boolean masks).
 
 Shapes are static: all ``T * S`` (token, slot) pairs are sorted, empty slots last, and the experts
 leave those trailing rows at zero without computing them. So the dispatch has no data-dependent
-shape, ``torch.compile`` traces it whole, and its only host synchronisation is the optional
-``counts.tolist()`` handed to experts that want it (skipped under ``torch.compile``).
+shape, ``torch.compile`` traces it whole, and it never synchronises with the host: experts that
+need per-expert row counts on the host (the CPU loop engine, the all-to-all of expert parallelism)
+read ``counts`` themselves, and CUDA's grouped_mm engine keeps them on the device.
 
 The gather and the combine are autograd nodes of their own. The combine sums each token's weighted
 expert outputs in one fused kernel (``embedding_bag`` with per-row weights) instead of materialising
@@ -92,16 +93,14 @@ def dispatch(x: torch.Tensor, routing: Routing, experts: nn.Module) -> torch.Ten
     x: (T, d). routing.expert_ids / weights: (T, S). Returns (T, d) in x's dtype; tokens with no
     slot (padding, fully dropped) get zeros.
 
-    ``experts(x_sorted, counts, split_sizes)`` gets all T*S rows sorted by expert, ``counts[e]`` rows
-    for expert e and the empty slots' rows last (their outputs must be zero), and
-    ``split_sizes = counts.tolist()`` (None under torch.compile).
+    ``experts(x_sorted, counts)`` gets all T*S rows sorted by expert, ``counts[e]`` rows for expert e
+    (on the device) and the empty slots' rows last (their outputs must be zero).
     """
     E = routing.num_experts
     ids = routing.expert_ids
     key = torch.where(ids >= 0, ids, E)  # empty slots sort last, into bin E
     counts = torch.zeros(E + 1, dtype=torch.long, device=ids.device)
     counts = counts.index_add_(0, key.reshape(-1), torch.ones_like(key.reshape(-1)))[:E]
-    split_sizes = None if torch.compiler.is_compiling() else counts.tolist()
     slots = SortedSlots.sort(key)
-    y = experts(_Gather.apply(x, slots), counts, split_sizes)
+    y = experts(_Gather.apply(x, slots), counts)
     return _Combine.apply(y, routing.weights, slots).to(x.dtype)

@@ -131,7 +131,7 @@ class MoELayer(nn.Module):
 
 def moe_forward(layer, x: torch.Tensor, modality: torch.Tensor, experts) -> tuple[torch.Tensor, Routing]:
     """The forward of an MoE layer (``layer``: router, experts, always_on, capacity_factor) with the
-    routed rows sent to ``experts(x_sorted, counts, split_sizes)`` (local experts, or the all-to-all of
+    routed rows sent to ``experts(x_sorted, counts)`` (local experts, or the all-to-all of
     an expert-parallel layer). Validates x and modality; returns (y, routing)."""
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__

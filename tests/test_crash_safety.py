@@ -25,11 +25,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_train_config
 
 from moiie.model import MoIIEForCausalLM
-from moiie.presets import digits_train_config
 from moiie.train import checkpoint as ckpt
-from moiie.train.config import DigitsDataConfig
 
 MAX_KILLS = 40
 BUDGET_S = 60.0  # for the kill loop; the two real CLI runs and the server start come on top
@@ -101,20 +100,8 @@ for line in sys.stdin:
 
 
 def crash_config():
-    base = digits_train_config("moiie")
-    return base.model_copy(
-        update={
-            "stage1": base.stage1.model_copy(update={"steps": 4, "batch_size": 8}),
-            "stage2": base.stage2.model_copy(update={"steps": 8, "batch_size": 8}),
-            "data": DigitsDataConfig(
-                task={"samples_per_image_train": 1, "samples_per_image_eval": 1}, eval_limit=4
-            ),
-            "log_every": 1,
-            "checkpoint_every": 1,
-            "threads": 1,
-            "eval_batch_size": 4,
-            "max_new_tokens": 2,
-        }
+    return tiny_train_config(
+        s1=4, s2=8, batch_size=8, eval_limit=4, checkpoint_every=1, eval_batch_size=4, max_new_tokens=2
     )
 
 

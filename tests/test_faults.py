@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_train_config
 
 from moiie.model import MoIIEForCausalLM
-from moiie.presets import digits_train_config, tiny_lvlm
+from moiie.presets import tiny_lvlm
 from moiie.train import checkpoint as ckpt
 from moiie.train import loop
-from moiie.train.config import DigitsDataConfig
 from moiie.train.faults import locate_nonfinite
 from moiie.train.loop import NonFiniteError, run_training
 
@@ -27,20 +27,8 @@ FAULT_STEP = 2  # 0-based stage-2 step that meets the fault
 
 
 def tiny_cfg(nonfinite: str):
-    base = digits_train_config("moiie")
-    return base.model_copy(
-        update={
-            "stage1": base.stage1.model_copy(update={"steps": 2, "batch_size": 8}),
-            "stage2": base.stage2.model_copy(update={"steps": 5, "batch_size": 8}),
-            "data": DigitsDataConfig(
-                task={"samples_per_image_train": 1, "samples_per_image_eval": 1}, eval_limit=8
-            ),
-            "log_every": 1,
-            "checkpoint_every": 1,
-            "threads": 1,
-            "eval_batch_size": 8,
-            "nonfinite": nonfinite,
-        }
+    return tiny_train_config(
+        s1=2, s2=5, batch_size=8, eval_limit=8, checkpoint_every=1, eval_batch_size=8, nonfinite=nonfinite
     )
 
 

@@ -51,7 +51,9 @@ def test_router_logits_are_fp32_under_bf16_autocast():
     assert r.weights.dtype == torch.float32 and r.probs.dtype == torch.float32
 
 
-@pytest.mark.parametrize("x_dtype,w_dtype", [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize(
+    "x_dtype,w_dtype", [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32)]
+)
 def test_router_logits_in_low_precision_match_a_float32_reference(x_dtype, w_dtype):
     """The float32 product keeps no float32 copy of x, and its values and gradients are the plain
     float32 product's, returned in each input's dtype."""

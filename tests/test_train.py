@@ -5,31 +5,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_train_config
 
 from moiie.model import MoIIEForCausalLM
 from moiie.presets import digits_train_config
 from moiie.train import checkpoint as ckpt
-from moiie.train.config import DigitsDataConfig, LlavaDataConfig, StageConfig, TrainConfig
+from moiie.train.config import LlavaDataConfig, StageConfig, TrainConfig
 from moiie.train.loop import NonFiniteError, run_training
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "llava_digits"
 
 
 def tiny(arm="moiie", s1=4, s2=8, **kw) -> TrainConfig:
-    base = digits_train_config(arm)
-    return base.model_copy(
-        update={
-            "stage1": base.stage1.model_copy(update={"steps": s1, "batch_size": 16}),
-            "stage2": base.stage2.model_copy(update={"steps": s2, "batch_size": 16}),
-            "data": DigitsDataConfig(
-                task={"samples_per_image_train": 1, "samples_per_image_eval": 1}, eval_limit=24
-            ),
-            "log_every": 1,
-            "checkpoint_every": 3,
-            "threads": 1,
-            **kw,
-        }
-    )
+    return tiny_train_config(arm, s1=s1, s2=s2, batch_size=16, eval_limit=24, checkpoint_every=3, **kw)
 
 
 def losses(run: Path) -> list[tuple[int, int, float]]:
@@ -47,7 +35,12 @@ def test_run_writes_everything(tmp_path):
     assert [r["step"] for r in stage2] == list(range(1, 9))
     assert {"loss", "lm_loss", "balance/vision", "balance/text", "tokens_per_s", "lr"} <= set(stage2[0])
     # routing diagnostics are logged during training, per MoE layer (1 and 3) and modality
-    assert {"route/1/mi_bits", "route/3/vision/shared", "route/1/text/entropy", "route/3/text/max_load"} <= set(stage2[0])
+    assert {
+        "route/1/mi_bits",
+        "route/3/vision/shared",
+        "route/1/text/entropy",
+        "route/3/text/max_load",
+    } <= set(stage2[0])
     assert all("balance/vision" not in r for r in rows if r["stage"] == 1)  # stage 1 is dense
     assert (tmp_path / "routing.txt").read_text().count("MI(expert; modality)") == 2
     assert [p.name for p in ckpt.list_checkpoints(tmp_path / "checkpoints")] == [
@@ -204,7 +197,9 @@ def test_shipped_configs_load_and_match_the_presets():
     root = Path(__file__).resolve().parents[1] / "configs"
     assert TrainConfig.load(root / "digits_moiie.yaml") == digits_train_config("moiie")
     ep2 = TrainConfig.load(root / "digits_moiie_ep2.yaml")
-    assert ep2.parallel.expert == 2 and ep2.model_copy(update={"parallel": None}) == digits_train_config("moiie")
+    assert ep2.parallel.expert == 2 and ep2.model_copy(update={"parallel": None}) == digits_train_config(
+        "moiie"
+    )
     assert GridConfig.load(root / "ablation.yaml") == default_grid()
 
 

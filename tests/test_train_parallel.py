@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_train_config
 
 from moiie.model import MoIIEForCausalLM
 from moiie.parallel import ParallelConfig
-from moiie.presets import digits_train_config
 from moiie.train import checkpoint as ckpt
-from moiie.train.config import DigitsDataConfig, TrainConfig
+from moiie.train.config import TrainConfig
 from moiie.train.loop import run_training
 
 LR = 5e-3
@@ -28,31 +28,23 @@ LAUNCH_TIMEOUT_S = 300
 
 
 def _config(**update) -> TrainConfig:
-    base = digits_train_config("moiie")
-    optim = base.stage2.optim.model_copy(update={"lr": LR})
-    return base.model_copy(
-        update={
-            "stage1": base.stage1.model_copy(update={"steps": 2, "batch_size": 8}),
-            "stage2": base.stage2.model_copy(update={"steps": 4, "batch_size": 8, "optim": optim}),
-            "data": DigitsDataConfig(
-                task={"samples_per_image_train": 1, "samples_per_image_eval": 1}, eval_limit=8
-            ),
-            "log_every": 1,
-            "checkpoint_every": 2,
-            "eval_every": 2,
-            "threads": 1,
-            "eval_batch_size": 8,
-            **update,
-        }
-    )
+    fields = {"checkpoint_every": 2, "eval_every": 2, "eval_batch_size": 8, **update}
+    cfg = tiny_train_config(s1=2, s2=4, batch_size=8, eval_limit=8, **fields)
+    optim = cfg.stage2.optim.model_copy(update={"lr": LR})
+    return cfg.model_copy(update={"stage2": cfg.stage2.model_copy(update={"optim": optim})})
 
 
-def torchrun(config: TrainConfig, out: Path, *extra: str, nproc: int = 2) -> subprocess.CompletedProcess:
+def launch(
+    config: TrainConfig, out: Path, *extra: str, nproc: int = 2, entry: tuple[str, ...] = ("-m", "moiie")
+) -> subprocess.CompletedProcess:
+    """``entry train CONFIG --out OUT`` in one plain process (nproc 1) or under torchrun."""
     out.parent.mkdir(parents=True, exist_ok=True)
     path = out.parent / f"{out.name}.yaml"
     config.save(path)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    cmd += ["-m", "moiie", "train", str(path), "--out", str(out), "--no-progress", *extra]
+    cmd = [sys.executable]
+    if nproc > 1:
+        cmd += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    cmd += [*entry, "train", str(path), "--out", str(out), "--no-progress", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, env=env)
 
@@ -84,7 +76,7 @@ def runs(tmp_path_factory):
         "dp2-default": None,  # no parallel section: plain FSDP2 data parallelism
     }
     for name, parallel in layouts.items():
-        _ok(torchrun(single.model_copy(update={"parallel": parallel}), root / name))
+        _ok(launch(single.model_copy(update={"parallel": parallel}), root / name))
     return root
 
 
@@ -128,7 +120,7 @@ def test_resume_under_torchrun_is_exact(runs, tmp_path):
     shutil.rmtree(cut / "checkpoints" / ckpt.checkpoint_name(2, 4))
     shutil.rmtree(cut / "model")
     (cut / "results.json").unlink()
-    _ok(torchrun(_config(parallel=ParallelConfig(expert=2)), cut, "--resume"))
+    _ok(launch(_config(parallel=ParallelConfig(expert=2)), cut, "--resume"))
 
     def timeless(rows):
         return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]
@@ -151,22 +143,9 @@ def test_two_ranks_follow_one_process_for_a_hundred_steps_in_float64(tmp_path):
             "stage2": cfg.stage2.model_copy(update={"steps": 100, "batch_size": 64}),
         }
     )
-    helper = str(Path(__file__).with_name("float64_train.py"))
-    cfg.save(tmp_path / "single.yaml")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    single = [
-        sys.executable,
-        helper,
-        "train",
-        str(tmp_path / "single.yaml"),
-        "--out",
-        str(tmp_path / "single"),
-    ]
-    _ok(subprocess.run(single, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, env=env))
-    cfg.model_copy(update={"parallel": ParallelConfig(expert=2)}).save(tmp_path / "ep2.yaml")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", helper]
-    cmd += ["train", str(tmp_path / "ep2.yaml"), "--out", str(tmp_path / "ep2"), "--no-progress"]
-    _ok(subprocess.run(cmd, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, env=env))
+    helper = (str(Path(__file__).with_name("float64_train.py")),)
+    _ok(launch(cfg, tmp_path / "single", nproc=1, entry=helper))
+    _ok(launch(cfg.model_copy(update={"parallel": ParallelConfig(expert=2)}), tmp_path / "ep2", entry=helper))
     want, got = _rows(tmp_path / "single"), _rows(tmp_path / "ep2")
     assert len(want) == len(got) == 11 and want[-1]["stage"] == 2
     keys = ("loss", "lm_loss", "balance/vision", "balance/text", "grad_norm")
@@ -181,7 +160,7 @@ def test_resume_with_another_layout_is_refused(runs, tmp_path):
     import shutil
 
     shutil.copytree(runs / "ep2-fsdp", tmp_path / "run")
-    proc = torchrun(
+    proc = launch(
         _config(parallel=ParallelConfig(expert=2, data_parallel="ddp")), tmp_path / "run", "--resume"
     )
     assert proc.returncode != 0
@@ -193,7 +172,7 @@ def test_resume_with_another_layout_is_refused(runs, tmp_path):
 def test_batch_that_does_not_split_over_ranks_fails_on_every_rank(tmp_path):
     cfg = _config(parallel=ParallelConfig(expert=2))
     cfg = cfg.model_copy(update={"stage1": cfg.stage1.model_copy(update={"batch_size": 7})})
-    proc = torchrun(cfg, tmp_path / "odd")
+    proc = launch(cfg, tmp_path / "odd")
     assert proc.returncode != 0
     assert proc.stderr.count("stage1.batch_size: 7 samples per global micro-batch cannot be split") == 2
 

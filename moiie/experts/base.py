@@ -19,7 +19,6 @@ def grouped_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
     counts: torch.Tensor,
-    split_sizes: list[int] | None = None,
     *,
     bias: torch.Tensor | None = None,
     impl: GroupedImpl = "auto",
@@ -27,13 +26,13 @@ def grouped_linear(
     """y[rows of e] = x[rows of e] @ weight[e].T (+ bias[e]), zero for rows past counts.sum().
 
     x: (N, d_in) sorted by expert; weight: (E, d_out, d_in); counts: (E,) int64 on x's device, summing
-    to at most N; split_sizes: ``counts.tolist()`` if at hand. Returns (N, d_out) in the compute dtype.
+    to at most N. Returns (N, d_out) in the compute dtype.
     """
     dtype = compute_dtype(x, weight.dtype)
     with torch.autocast(x.device.type, enabled=False):
         x, weight = x.contiguous().to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
-        rows = ExpertRows(resolve_impl(impl, x, *weight.shape[1:]), counts, x.shape[0], split_sizes)
+        rows = ExpertRows(resolve_impl(impl, x, *weight.shape[1:]), counts, x.shape[0])
         return GroupedLinear.apply(x, weight, bias, rows)
 
 

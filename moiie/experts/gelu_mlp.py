@@ -67,9 +67,7 @@ class GeluMLPExperts(nn.Module):
         self.fc_bias = nn.Parameter(torch.zeros(num_experts, d_ff)) if bias else None
         self.proj_bias = nn.Parameter(torch.zeros(num_experts, d_model)) if bias else None
 
-    def forward(
-        self, x: torch.Tensor, counts: torch.Tensor, split_sizes: list[int] | None = None
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x: (N, d_model) sorted by expert, counts (E,) -> (N, d_model) (see SwiGLUExperts.forward)."""
         return grouped_ffn(
             x,

@@ -112,13 +112,13 @@ class Block:
 class ExpertRows:
     """One expert-sorted row layout and the products of a grouped linear layer over it, per block.
 
-    counts: (E,) int64 rows per expert; rows: total rows N >= counts.sum(); split_sizes:
-    ``counts.tolist()`` if the caller has it. Block methods take the block's rows (``block.of(t)``).
+    counts: (E,) int64 rows per expert; rows: total rows N >= counts.sum(). The loop engine reads
+    counts on the host once per layout; grouped_mm keeps them on the device. Block methods take the block's rows (``block.of(t)``).
     Outputs go into ``out`` for the loop engine (a view of a buffer from :meth:`new`); the grouped_mm
     engine's single block returns fresh tensors and takes ``out=None``.
     """
 
-    def __init__(self, impl: str, counts: torch.Tensor, rows: int, split_sizes: list[int] | None = None):
+    def __init__(self, impl: str, counts: torch.Tensor, rows: int):
         self.counts, self.rows, self.num_experts = counts, rows, counts.numel()
         self.grouped = impl == "grouped_mm"
         if self.grouped:
@@ -126,7 +126,7 @@ class ExpertRows:
             self.blocks, self.routed = [Block(None, 0, rows)], None  # expert boundaries stay on the device
             return
         self.blocks, start = [], 0
-        for e, n in enumerate(counts.tolist() if split_sizes is None else split_sizes):
+        for e, n in enumerate(counts.tolist()):
             if n:
                 self.blocks.append(Block(e, start, start + n))
             start += n

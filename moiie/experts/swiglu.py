@@ -50,12 +50,8 @@ class SwiGLUExperts(nn.Module):
         self.gate_up = nn.Parameter(torch.empty(num_experts, 2 * d_ff, d_model).normal_(0.0, init_std))
         self.down = nn.Parameter(torch.empty(num_experts, d_model, d_ff).normal_(0.0, init_std))
 
-    def forward(
-        self, x: torch.Tensor, counts: torch.Tensor, split_sizes: list[int] | None = None
-    ) -> torch.Tensor:
-        """x: (N, d_model) sorted by expert, counts (E,) -> (N, d_model); rows past counts.sum() give zeros.
-
-        split_sizes (``counts.tolist()``) is not needed: the grouped operator reads counts itself."""
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x: (N, d_model) sorted by expert, counts (E,) -> (N, d_model); rows past counts.sum() give zeros."""
         return grouped_ffn(x, self.gate_up, self.down, counts, activation="silu", gated=True, impl=self.impl)
 
     def dense(self, x: torch.Tensor) -> torch.Tensor:

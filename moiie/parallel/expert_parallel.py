@@ -157,18 +157,15 @@ class ExpertParallelMoE(nn.Module):
         y, routing = moe_forward(self, x, modality, self._remote_experts)
         return y, routing.with_(groups=reduce_group_stats(routing.groups, self.stats_group))
 
-    def _remote_experts(
-        self, x_sorted: torch.Tensor, counts: torch.Tensor, split_sizes: list[int] | None = None
-    ) -> torch.Tensor:
+    def _remote_experts(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """The experts interface dispatch calls, with the experts on their owning ranks.
 
         x_sorted: (N, d) rows sorted by global expert, ``counts[e]`` of them for expert e, then any
-        rows of empty slots (their outputs are zeros); ``split_sizes``: ``counts.tolist()``.
+        rows of empty slots (their outputs are zeros).
         Returns (N, d): each row's expert output, in the same order.
         """
         P, n_local = self.size, len(self.expert_ids)
-        if split_sizes is None:
-            split_sizes = counts.tolist()
+        split_sizes = counts.tolist()
         routed = sum(split_sizes)
         empty = x_sorted.shape[0] - routed
         send = [sum(split_sizes[r * n_local : (r + 1) * n_local]) for r in range(P)]
@@ -187,7 +184,7 @@ class ExpertParallelMoE(nn.Module):
         scale = self.expert_grad_scale
         if scale != 1.0:  # scale the output gradient the experts see, undo it on their input gradient
             rows = _ScaleGrad.apply(rows, 1.0 / scale)
-        y = self.experts(rows, local_counts, [sum(col) for col in zip(*table)])
+        y = self.experts(rows, local_counts)
         if scale != 1.0:
             y = _ScaleGrad.apply(y, scale)
         if order is not None:

@@ -18,7 +18,7 @@ import torch
 
 from moiie.diagnostics import RoutingStats
 from moiie.ledger import ledger_of
-from moiie.model import MoIIEForCausalLM, reload_config
+from moiie.model import MoIIEForCausalLM
 from moiie.processor import LVLMProcessor
 from moiie.train import checkpoint as ckpt
 from moiie.train.config import StageConfig, TrainConfig
@@ -433,13 +433,8 @@ def _run_training(
         if at_stage == 1:
             _, trained = train_stage(model, cfg, cfg.stage1, stage=1, **common, resume_state=resume_state)
             resume_state = None
-            if rt.distributed:  # every rank rebuilds the trained dense model to upcycle it
-                from moiie.parallel import full_state_dict
-
-                state = full_state_dict(trained)
-                model = MoIIEForCausalLM.from_config(reload_config(rt.inner(trained).moiie_config))
-                model.load_state_dict({k: v.cpu() for k, v in state.items()})
-                del trained, state
+            model = rt.single_model(trained, every_rank=True)  # to upcycle, then split again
+            del trained
         if not model.moe_layer_indices and cfg.model.moe_layers != "none":
             # new routers are drawn from a generator of their own, so they do not depend on how many
             # random numbers stage 1 consumed (resumed runs, parallel runs and one-process runs agree)
@@ -469,7 +464,9 @@ def _run_training(
             return {}
         evaluation = generation(model) if held_x else None
         topology = getattr(cfg.model.ffn, "topology", None)
-        stats = routing_diagnostics(model, held_samples_of(held_x, tokenizer, processor), processor, topology)
+        stats = routing_diagnostics(
+            model, encode_examples(held_x[:512], tokenizer, processor), processor, topology
+        )
         ledger = ledger_of(model)
         results = {
             "evaluation": evaluation,
@@ -491,8 +488,3 @@ def _run_training(
     model.save_pretrained(out_dir / "model")
     _write_json(out_dir / "results.json", results)
     return results
-
-
-def held_samples_of(held_x, tokenizer, processor, limit: int = 512) -> list[dict]:
-    """The first ``limit`` held-out examples, encoded for routing diagnostics."""
-    return encode_examples(held_x[:limit], tokenizer, processor)

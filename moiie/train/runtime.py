@@ -25,6 +25,7 @@ global batch, up to float summation order):
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -115,8 +116,9 @@ class Runtime:
         """True on every rank when ``flag`` is true on any rank."""
         return flag
 
-    def single_model(self, model: nn.Module) -> nn.Module | None:
-        """A single-process model with the trained weights: on rank 0 (None elsewhere). A collective."""
+    def single_model(self, model: nn.Module, *, every_rank: bool = False) -> nn.Module | None:
+        """A single-process model with the trained weights: on rank 0 (None elsewhere), or a fresh one on
+        every rank with ``every_rank`` (to keep training it, e.g. upcycled). A collective."""
         return model
 
     def write_checkpoint(self, root: Path, stage: int, step: int, model: nn.Module, state: dict) -> None:
@@ -159,6 +161,8 @@ class Distributed(Runtime):
         self.mesh = build_mesh(parallel)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self._eval_model: nn.Module | None = None
+        # the trainer only reads the model's outputs (no in-place op on the logits view FSDP2 warns about)
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
 
     @property
     def device(self) -> torch.device:
@@ -192,12 +196,8 @@ class Distributed(Runtime):
         return (local.to(self.device) * self.world / total).to(labels.device)
 
     def prepare(self, model: nn.Module) -> nn.Module:
-        import warnings
-
         from moiie.parallel import parallelize
 
-        # the trainer only reads the model's outputs (no in-place op on the logits view FSDP2 warns about)
-        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
         return parallelize(model.to(self.device), self.mesh, self.parallel)
 
     def inner(self, model: nn.Module) -> nn.Module:
@@ -221,17 +221,21 @@ class Distributed(Runtime):
     def any(self, flag: bool) -> bool:
         return bool(self._sum(torch.tensor([float(flag)], dtype=torch.float64)).item() > 0)
 
-    def single_model(self, model: nn.Module) -> nn.Module | None:
+    def single_model(self, model: nn.Module, *, every_rank: bool = False) -> nn.Module | None:
         from moiie.model import MoIIEForCausalLM, reload_config
         from moiie.parallel import full_state_dict
 
-        state = full_state_dict(model)
-        if not self.is_main:
+        state = {k: v.cpu() for k, v in full_state_dict(model).items()}
+        if not (every_rank or self.is_main):
             return None
         config = reload_config(self.inner(model).moiie_config)
+        if every_rank:  # a model of its own: the caller trains it (and splits it over the ranks again)
+            fresh = MoIIEForCausalLM.from_config(config)
+            fresh.load_state_dict(state)
+            return fresh
         if self._eval_model is None or self._eval_model.moiie_config != config:
-            self._eval_model = MoIIEForCausalLM.from_config(config)
-        self._eval_model.load_state_dict({k: v.cpu() for k, v in state.items()})
+            self._eval_model = MoIIEForCausalLM.from_config(config)  # kept for the next evaluation
+        self._eval_model.load_state_dict(state)
         return self._eval_model.to(self.device)
 
     def write_checkpoint(self, root: Path, stage: int, step: int, model: nn.Module, state: dict) -> None:
